@@ -60,13 +60,16 @@ def create_model(name: str, num_classes: int | None = None, **overrides: Any) ->
     """Build a registered model.
 
     Overrides whose value is ``None`` are dropped, so a CLI can pass optional flags
-    unconditionally. An override the entry point does not accept raises ``ValueError``
+    unconditionally. ``stochastic_depth=...`` (a final survival probability, a dict or a
+    config object) is applied to the built model's residual units by
+    :func:`reslab.regularize.stochastic_depth.apply_stochastic_depth`. An override the entry point does not accept raises ``ValueError``
     naming the accepted keywords.
     """
     _ensure_loaded()
     _check_name(name)
     fn = _REGISTRY[name]
     kwargs = {k: v for k, v in overrides.items() if v is not None}
+    sd = kwargs.pop("stochastic_depth", None)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if "num_classes" in kwargs:
@@ -81,13 +84,19 @@ def create_model(name: str, num_classes: int | None = None, **overrides: Any) ->
         if unknown:
             raise ValueError(_unknown_kw_message(name, unknown[0], accepted))
     try:
-        return fn(**kwargs)
+        model = fn(**kwargs)
     except TypeError as e:  # unknown keyword deep inside a **kwargs chain
         msg = str(e)
         if "unexpected keyword argument" in msg:
             bad = msg.split("'")[1] if "'" in msg else msg
             raise ValueError(_unknown_kw_message(name, bad, accepted)) from None
         raise
+    if sd is not None:
+        # Stochastic depth applies to every family through its residual units.
+        from reslab.regularize.stochastic_depth import apply_stochastic_depth
+
+        apply_stochastic_depth(model, sd)
+    return model
 
 
 def _unknown_kw_message(name: str, bad: str, accepted: list[str]) -> str:
