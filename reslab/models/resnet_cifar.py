@@ -18,8 +18,15 @@ from reslab.models.resnet import NetSpec, ResNet, StageSpec
 CIFAR_INPUT = (3, 32, 32)
 
 
+def _check_int(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def _check_depth(depth: int, per_unit: int, extra: int, what: str) -> int:
-    if not isinstance(depth, int) or depth <= extra or (depth - extra) % per_unit:
+    _check_int(depth, "depth")
+    if depth <= extra or (depth - extra) % per_unit:
         raise ValueError(
             f"depth {depth} is not of the form {per_unit}n+{extra} for {what} "
             f"(e.g. {per_unit * 3 + extra}, {per_unit * 9 + extra}, {per_unit * 18 + extra})")
@@ -51,8 +58,8 @@ def cifar_preact_spec(depth: int, bottleneck: bool, shortcut: str | None = None,
 def cifar_wrn_spec(depth: int, widen_factor: float, dropout: float = 0.0, plain: bool = False, **kw) -> NetSpec:
     """WRN-depth-k: pre-activation basic units, depth = 6n + 4, widths 16k, 32k, 64k."""
     n = _check_depth(depth, 6, 4, "a Wide ResNet")
-    if not widen_factor > 0:
-        raise ValueError(f"widen_factor must be > 0, got {widen_factor}")
+    if isinstance(widen_factor, bool) or not isinstance(widen_factor, (int, float)) or not widen_factor > 0:
+        raise ValueError(f"widen_factor must be a number > 0, got {widen_factor!r}")
     w = [max(1, int(round(c * widen_factor))) for c in (16, 32, 64)]
     stages = (StageSpec(n, w[0], 1), StageSpec(n, w[1], 2), StageSpec(n, w[2], 2))
     return NetSpec(stages, block="basic", preact=True, stem="cifar_preact", stem_chs=16, shortcut="B-nobn",
@@ -63,9 +70,9 @@ def cifar_resnext_spec(depth: int = 29, cardinality: int = 8, base_width: int = 
                        **kw) -> NetSpec:
     """ResNeXt for CIFAR: bottleneck width C*d with d = base_width * 2^stage, outputs 4 * 64 * 2^stage."""
     n = _check_depth(depth, 9, 2, "a CIFAR ResNeXt")
-    if cardinality < 1:
+    if _check_int(cardinality, "cardinality") < 1:
         raise ValueError(f"cardinality must be >= 1, got {cardinality}")
-    if base_width < 1:
+    if _check_int(base_width, "base_width") < 1:
         raise ValueError(f"base_width must be >= 1, got {base_width}")
     stages = tuple(
         StageSpec(n, 256 * 2**i, 1 if i == 0 else 2, cardinality * base_width * 2**i, cardinality) for i in range(3))
@@ -89,7 +96,7 @@ def cifar_preact_resnet(depth: int = 164, num_classes: int = 10, in_chans: int =
                         shortcut: str | None = None, plain: bool = False, zero_init_last: bool = False) -> ResNet:
     """He et al. 2016 pre-activation ResNet; bottleneck by default when depth is 9n+2 and not 6n+2."""
     if bottleneck is None:
-        bottleneck = (depth - 2) % 6 != 0
+        bottleneck = (_check_int(depth, "depth") - 2) % 6 != 0
     return _build(cifar_preact_spec(depth, bottleneck, shortcut, plain, zero_init_last=zero_init_last),
                   num_classes, in_chans)
 

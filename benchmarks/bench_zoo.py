@@ -1,0 +1,256 @@
+"""Speed of a reslab model beside another implementation of the same network, and fuse_bn.
+
+    python benchmarks/bench_zoo.py [--model cifar_resnet56] [--batch 128] [--steps 2] [--repeats 5] [--json]
+
+The other implementation is timm's model of the same name when timm is installed and has it,
+otherwise a small plain-PyTorch reference written here (torchvision-layout ResNet/ResNeXt/WRN for
+``resnet*``/``resnext*``/``wide_resnet*``, He et al. CIFAR ResNet with option-A shortcuts for
+``cifar_resnet*``), loaded with the reslab weights so that the outputs can be compared.
+
+Measured side by side in one process: for each of ``--repeats`` rounds, each variant runs
+``--steps`` timed iterations (after one warm-up), in a rotating order; the median images/s over
+rounds is reported. Train step = forward + cross-entropy + backward + SGD step (train mode);
+inference = eval-mode forward under ``torch.inference_mode``. Ratios: ``ratio_train`` and
+``ratio_infer`` are reslab / other (> 1: reslab faster), ``fuse_speedup`` is fused / unfused
+reslab inference. This is a benchmark, not a test: numbers depend on the machine and its load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import reslab
+from reslab.models import default_input_size
+from reslab.models.fuse import fuse_bn
+from reslab.models.interop import to_torchvision
+
+IMAGENET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3),
+                   200: (3, 24, 36, 3)}
+
+
+# ---- plain-PyTorch references (independent of reslab's engine) ----------------------------
+class _Basic(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int, groups: int, width: int, option_a: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride, self.pad = stride, planes - cin
+        self.downsample = None
+        if (stride != 1 or cin != planes) and not option_a:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            x = self.downsample(x)
+        elif self.stride != 1 or self.pad:
+            x = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.pad))
+        return F.relu(out + x)
+
+
+class _Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, groups: int, width: int, option_a: bool) -> None:
+        super().__init__()
+        mid = int(planes * width / 64) * groups
+        self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = None
+        if stride != 1 or cin != planes * 4:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, planes * 4, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes * 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class PlainResNet(nn.Module):
+    """torchvision-layout ImageNet ResNet (stem 7x7/2 + max-pool) or He et al. CIFAR ResNet (3x3 stem)."""
+
+    def __init__(self, block: type, layers: tuple[int, ...], widths: tuple[int, ...], num_classes: int,
+                 cifar: bool, groups: int = 1, width: int = 64) -> None:
+        super().__init__()
+        stem = widths[0] if cifar else 64
+        self.cifar = cifar
+        self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False) if cifar else nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        cin = stem
+        for i, (n, planes) in enumerate(zip(layers, widths)):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, planes, 2 if i > 0 and j == 0 else 1, groups, width, cifar))
+                cin = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.n_layers = len(layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        if not self.cifar:
+            x = F.max_pool2d(x, 3, 2, 1)
+        for i in range(self.n_layers):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def plain_reference(name: str, num_classes: int) -> nn.Module:
+    """A plain eager copy of the reslab network ``name`` (raises ValueError if none is written)."""
+    if name.startswith("cifar_resnet") and name[len("cifar_resnet"):].isdigit():
+        n = (int(name[len("cifar_resnet"):]) - 2) // 6
+        return PlainResNet(_Basic, (n, n, n), (16, 32, 64), num_classes, cifar=True)
+    for prefix, groups, width in (("resnet", 1, 64), ("wide_resnet", 1, 128), ("resnext", None, None)):
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix):]
+        depth = int(rest.split("_")[0])
+        if prefix == "resnext":  # resnext50_32x4d
+            g, w = rest.split("_")[1].rstrip("d").split("x")
+            groups, width = int(g), int(w)
+        block = _Basic if depth < 50 else _Bottleneck
+        return PlainResNet(block, IMAGENET_LAYERS[depth], (64, 128, 256, 512), num_classes, cifar=False,
+                           groups=groups, width=width)
+    raise ValueError(f"no plain reference for {name!r}; install timm or use resnet*/resnext*/wide_resnet*/"
+                     "cifar_resnet<depth>")
+
+
+def other_model(name: str, num_classes: int, use_timm: bool) -> tuple[nn.Module, str]:
+    if use_timm:
+        try:
+            import timm
+
+            if name in timm.list_models():
+                return timm.create_model(name, num_classes=num_classes), f"timm {timm.__version__}"
+        except ImportError:
+            pass
+    return plain_reference(name, num_classes), "plain eager reference"
+
+
+# ---- timing ---------------------------------------------------------------------------------
+def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def infer_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+
+    return step
+
+
+def measure(fns: dict[str, Callable[[], None]], batch: int, steps: int, repeats: int) -> dict[str, float]:
+    """Median images/s per variant; variants alternate in a rotating order each round."""
+    for fn in fns.values():  # warm-up
+        fn()
+    names = list(fns)
+    rates: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for k in order:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fns[k]()
+            rates[k].append(batch * steps / (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="cifar_resnet56")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=2, help="timed iterations per measurement")
+    p.add_argument("--repeats", type=int, default=5, help="alternating rounds; the median is reported")
+    p.add_argument("--image-size", type=int, help="input side (default: the model's native size)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--no-timm", action="store_true", help="compare with the plain reference even if timm is there")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.batch < 2 or args.steps < 1 or args.repeats < 1:
+        p.error("--batch must be >= 2, --steps and --repeats >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    c, h, w = default_input_size(args.model)
+    side = args.image_size or h
+    model = reslab.create_model(args.model)
+    nc = int(model.num_classes)
+    other, other_kind = other_model(args.model, nc, use_timm=not args.no_timm)
+    # Same weights where the key layouts agree (torchvision names; timm's ResNets use them too).
+    try:
+        other.load_state_dict(to_torchvision(model), strict=True)
+        same_weights = True
+    except (ValueError, RuntimeError):
+        same_weights = False
+    x = torch.randn(args.batch, c, side, side)
+    y = torch.randint(0, nc, (args.batch,))
+    fused = fuse_bn(model)
+    with torch.inference_mode():
+        model.eval(), other.eval()
+        ref = model(x[:4])
+        diff_other = float((other(x[:4]) - ref).abs().max()) if same_weights else None
+        diff_fused = float((fused(x[:4]) - ref).abs().max())
+    train = measure({"reslab": train_step_fn(model, x, y), "other": train_step_fn(other, x, y)},
+                    args.batch, args.steps, args.repeats)
+    fused = fuse_bn(model)  # fuse the trained-for-a-few-steps weights (same cost either way)
+    infer = measure({"reslab": infer_fn(model, x), "other": infer_fn(other, x),
+                     "reslab_fused": infer_fn(fused, x)}, args.batch, args.steps, args.repeats)
+    res = dict(
+        model=args.model, other=other_kind, batch=args.batch, image_size=side, steps=args.steps,
+        repeats=args.repeats, threads=torch.get_num_threads(), torch=torch.__version__,
+        same_weights=same_weights, max_abs_diff_other=diff_other, max_abs_diff_fused=diff_fused,
+        train_ips=train, infer_ips=infer,
+        ratio_train=train["reslab"] / train["other"],
+        ratio_infer=infer["reslab"] / infer["other"],
+        fuse_speedup=infer["reslab_fused"] / infer["reslab"],
+        seconds=time.perf_counter() - t_start,
+    )
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    print(f"{args.model} vs {other_kind}: batch {args.batch}, {side}x{side}, {res['threads']} threads, "
+          f"median of {args.repeats} rounds x {args.steps} steps")
+    if same_weights:
+        print(f"  same weights: max |reslab - other| = {diff_other:.2e}; max |fused - unfused| = {diff_fused:.2e}")
+    print(f"  train step  reslab {train['reslab']:8.1f} img/s   other {train['other']:8.1f} img/s   "
+          f"ratio {res['ratio_train']:.3f}")
+    print(f"  inference   reslab {infer['reslab']:8.1f} img/s   other {infer['other']:8.1f} img/s   "
+          f"ratio {res['ratio_infer']:.3f}")
+    print(f"  fuse_bn     fused  {infer['reslab_fused']:8.1f} img/s   unfused {infer['reslab']:8.1f} img/s   "
+          f"speed-up {res['fuse_speedup']:.3f}")
+    print(f"  ({res['seconds']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Path-length analysis of residual networks (Veit, Wilber & Belongie 2016, arXiv 1605.06431 §5).
+
+A network of n residual units unravels into 2^n paths; a path through k residual branches
+(and n - k shortcuts) has length k, so lengths follow Binomial(n, 1/2).
+
+The gradient experiment: the forward pass is the full network, unchanged; in the backward
+pass, k sampled units pass the gradient only through their residual branch
+(``unit.route = "branch"``) and the other n - k only through their shortcut
+(``route = "shortcut"``). The gradient norm at the input, averaged over many (batch, subset)
+samples, is the gradient magnitude of a path of length k; times the number of paths of
+length k (C(n, k)) it is the total gradient that paths of length k carry.
+
+Where the gradient is measured: ``at="unit"`` (default) is the input of the first residual
+unit (the stem's output, so the stem's Jacobian, common to all paths, is left out);
+``at="image"`` is the input image. The magnitude is the L2 norm of one image's gradient of
+its own cross-entropy loss (the loss is summed over the batch), averaged over the images.
+
+BatchNorm: ``bn="eval"`` (default) uses the running statistics, so every image has its own
+Jacobian; ``bn="train"`` uses batch statistics (the images of a batch are coupled; running
+statistics are restored afterwards). Stochastic-depth gates and dropout stay inactive in
+both modes (only BatchNorm layers are switched to training mode).
+
+Units without a shortcut (plain units) have only one route, through their branch; they
+add a fixed length to every path (a plain network has one path, of length n).
+
+Deviation: the paper sampled about 1,000 (batch, subset) pairs per length on ResNet-110;
+the default here is smaller (``samples``) because it runs on CPUs.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from reslab.analysis.lesion import as_batch_list, preserved_bn_stats, preserved_modes, run_units_from, units_in_order
+from reslab.models.units import ResidualUnit
+
+GRAD_AT = ("unit", "image")
+GRAD_BN = ("eval", "train")
+
+
+# ---- the path-length distribution --------------------------------------------------------
+def path_length_distribution(n: int) -> list[dict[str, Any]]:
+    """Number and fraction of the 2^n paths of each length k = 0..n (Binomial(n, 1/2))."""
+    if n < 0:
+        raise ValueError(f"the number of units must be >= 0, got {n}")
+    total = 2**n
+    return [dict(length=k, paths=math.comb(n, k), fraction=math.comb(n, k) / total) for k in range(n + 1)]
+
+
+def fraction_within(n: int, lo: int, hi: int) -> float:
+    """Fraction of the 2^n paths with length in [lo, hi] (exact, as a float)."""
+    lo, hi = max(lo, 0), min(hi, n)
+    if lo > hi:
+        return 0.0
+    return sum(math.comb(n, k) for k in range(lo, hi + 1)) / 2**n
+
+
+def central_range(n: int, mass: float = 0.95) -> tuple[int, int]:
+    """The narrowest interval [lo, hi] of path lengths holding at least ``mass`` of all paths
+    (symmetric around n/2). For n = 54 and mass 0.95 this is [20, 34] (96.0% of the paths);
+    the paper's wider [19, 35] holds 98.0%, so its "95% of paths" statement is consistent."""
+    if not 0 < mass <= 1:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+    lo, hi = n // 2, (n + 1) // 2
+    while fraction_within(n, lo, hi) < mass:
+        lo, hi = lo - 1, hi + 1
+    return max(lo, 0), min(hi, n)
+
+
+# ---- routing ------------------------------------------------------------------------------
+def routable_units(model: nn.Module) -> list[ResidualUnit]:
+    """Units with a shortcut (two routes); plain units always route through their branch."""
+    return [u for u in model.residual_units() if u.has_shortcut]
+
+
+@contextmanager
+def routed(model: nn.Module, branch: Iterable[int], others: str = "shortcut") -> Iterator[nn.Module]:
+    """Inside the block, the routable units at positions ``branch`` (indices into
+    :func:`routable_units`) send the gradient only through their branch, the others only
+    through their shortcut (``others="shortcut"``) or both (``others="both"``). Routes are
+    restored on exit. The forward value is unchanged."""
+    units = routable_units(model)
+    saved = [(u, u.route) for u in units]
+    chosen = set(int(i) for i in branch)
+    for i in chosen:
+        if not 0 <= i < len(units):
+            raise ValueError(f"routable unit index {i} out of range (0..{len(units) - 1})")
+    try:
+        for i, u in enumerate(units):
+            u.route = "branch" if i in chosen else others
+        yield model
+    finally:
+        for u, r in saved:
+            u.route = r
+
+
+@contextmanager
+def measurement_mode(model: nn.Module, bn: str = "eval") -> Iterator[nn.Module]:
+    """Eval mode, or eval mode with BatchNorm layers in training mode (``bn="train"``); the
+    modes, the running statistics and ``requires_grad`` of the parameters are restored on exit.
+    Parameters do not require gradients inside (only input gradients are measured)."""
+    if bn not in GRAD_BN:
+        raise ValueError(f"bn must be one of {GRAD_BN}, got {bn!r}")
+    params = [(p, p.requires_grad) for p in model.parameters()]
+    with preserved_modes(model), preserved_bn_stats(model):
+        try:
+            model.eval()
+            if bn == "train":
+                for m in model.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.train()
+            for p, _ in params:
+                p.requires_grad_(False)
+            yield model
+        finally:
+            for p, r in params:
+                p.requires_grad_(r)
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, at: str = "unit",
+                   loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of the summed loss w.r.t. the input of the first residual unit (``at="unit"``)
+    or the image (``at="image"``), with the model's current modes and routes.
+
+    The loss is the summed cross-entropy with targets ``y``, or ``(logits * loss_weights).sum()``
+    when ``y`` is None.
+    """
+    if at not in GRAD_AT:
+        raise ValueError(f"at must be one of {GRAD_AT}, got {at!r}")
+    with torch.enable_grad():
+        if at == "unit":
+            units = units_in_order(model)
+            with torch.no_grad():
+                h0 = model.stem(x)
+            inp = h0.detach().requires_grad_(True)
+            logits = run_units_from(model, inp, 0, units)
+        else:
+            inp = x.detach().requires_grad_(True)
+            logits = model(inp)
+        if y is not None:
+            loss = F.cross_entropy(logits, y, reduction="sum")
+        else:
+            if loss_weights is None:
+                raise ValueError("pass targets y or loss_weights")
+            loss = (logits * loss_weights).sum()
+        (g,) = torch.autograd.grad(loss, inp)
+    return g
+
+
+# ---- gradient per path length --------------------------------------------------------------
+@dataclass
+class PathResult:
+    """Result of :func:`gradient_per_path_length`.
+
+    ``rows``: one per length k measured: ``length, k_routable, paths, fraction, grad_mean,
+    grad_std, grad_sem, samples, measurements, total, total_fraction``; ``total`` =
+    grad_mean x number of paths of that length; ``total_fraction`` its share of the sum.
+    """
+
+    rows: list[dict[str, Any]]
+    n_units: int
+    n_routable: int
+    at: str
+    bn: str
+    samples: int
+    batch_size: int
+    effective_range: tuple[int, int] | None
+    effective_mass: float
+    interpolated: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        n = self.n_routable
+        lo, hi = central_range(n, 0.95)
+        eff = self.effective_range
+        out = dict(n_units=self.n_units, n_routable=self.n_routable, at=self.at, bn=self.bn, samples=self.samples,
+                   batch_size=self.batch_size, path_range_95=[lo + self.n_fixed, hi + self.n_fixed],
+                   effective_range=None if eff is None else list(eff), effective_mass=self.effective_mass,
+                   interpolated=self.interpolated)
+        if eff is not None:
+            frac = fraction_within(n, eff[0] - self.n_fixed, eff[1] - self.n_fixed)
+            out["effective_paths_fraction"] = frac
+        out.update(self.meta)
+        return out
+
+    @property
+    def n_fixed(self) -> int:
+        return self.n_units - self.n_routable
+
+
+def effective_range(lengths: Sequence[int], totals: Sequence[float], mass: float = 0.9) -> tuple[int, int]:
+    """The shortest contiguous range of path lengths carrying at least ``mass`` of the total
+    gradient (ties: the one with the most mass). ``lengths`` must be consecutive integers.
+
+    The paper names 5-17 for ResNet-110 without stating a threshold; ``mass`` is ours.
+    """
+    if not 0 < mass <= 1:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+    if list(lengths) != list(range(lengths[0], lengths[0] + len(lengths))):
+        raise ValueError("effective_range needs consecutive lengths")
+    tot = float(sum(totals))
+    if tot <= 0:
+        raise ValueError("the total gradient is zero; cannot define an effective range")
+    best = None
+    n = len(totals)
+    for i in range(n):
+        s = 0.0
+        for j in range(i, n):
+            s += totals[j]
+            if s >= mass * tot * (1 - 1e-12):
+                cand = (j - i, -s, lengths[i], lengths[j])
+                if best is None or cand < best:
+                    best = cand
+                break
+    assert best is not None
+    return best[2], best[3]
+
+
+def _interp_log(ks: list[int], vals: list[float], grid: list[int]) -> list[float]:
+    """Log-linear interpolation of positive ``vals`` at ``grid`` (inside [ks[0], ks[-1]])."""
+    out = []
+    logs = [math.log(max(v, 1e-300)) for v in vals]
+    for k in grid:
+        if k <= ks[0]:
+            out.append(vals[0])
+        elif k >= ks[-1]:
+            out.append(vals[-1])
+        else:
+            j = next(i for i in range(1, len(ks)) if ks[i] >= k)
+            t = (k - ks[j - 1]) / (ks[j] - ks[j - 1])
+            out.append(math.exp(logs[j - 1] + t * (logs[j] - logs[j - 1])))
+    return out
+
+
+def gradient_per_path_length(model: nn.Module, batches: Iterable[Any], ks: Sequence[int] | None = None,
+                             samples: int = 20, *, at: str = "unit", bn: str = "eval", seed: int = 0,
+                             mass: float = 0.9) -> PathResult:
+    """Gradient magnitude at the input for paths of each length (Veit et al. 2016 Fig. 6).
+
+    For each k in ``ks`` (numbers of routable units sent through their branch; default all
+    0..m) and each of ``samples`` draws: a batch (cycling through ``batches``) and a random
+    k-subset of the routable units; forward unchanged, backward through the branches of the
+    subset and the shortcuts of the others; record each image's input-gradient L2 norm.
+
+    Lengths in the result count plain units too (length = k + number of plain units).
+    ``effective_range`` is computed on all lengths; when ``ks`` skips some, the magnitudes
+    in between are interpolated log-linearly (``interpolated=True``), within the measured span.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    batches = as_batch_list(batches)
+    units = units_in_order(model)
+    routable = routable_units(model)
+    m, n = len(routable), len(units)
+    n_fixed = n - m
+    ks = list(range(m + 1)) if ks is None else sorted(set(int(k) for k in ks))
+    for k in ks:
+        if not 0 <= k <= m:
+            raise ValueError(f"k={k} is out of range: the network has {m} units with a shortcut (0..{m})")
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    with measurement_mode(model, bn):
+        for k in ks:
+            norms: list[torch.Tensor] = []
+            for s in range(samples):
+                x, y = batches[(s + k * samples) % len(batches)]
+                subset = torch.randperm(m, generator=g)[:k].tolist()
+                with routed(model, subset), preserved_bn_stats(model):
+                    grad = input_gradient(model, x, y, at=at)
+                norms.append(grad.flatten(1).norm(dim=1).double())
+            allv = torch.cat(norms)
+            per_sample = torch.stack([v.mean() for v in norms])
+            mean = float(allv.mean())
+            std = float(allv.std()) if allv.numel() > 1 else 0.0
+            sem = float(per_sample.std() / math.sqrt(samples)) if samples > 1 else float("nan")
+            rows.append(dict(length=k + n_fixed, k_routable=k, paths=math.comb(m, k), fraction=math.comb(m, k) / 2**m,
+                             grad_mean=mean, grad_std=std, grad_sem=sem, samples=samples,
+                             measurements=int(allv.numel()), total=mean * math.comb(m, k)))
+    tot = sum(r["total"] for r in rows)
+    for r in rows:
+        r["total_fraction"] = r["total"] / tot if tot > 0 else float("nan")
+    interpolated = ks != list(range(ks[0], ks[-1] + 1))
+    eff = None
+    if tot > 0:
+        grid = list(range(ks[0], ks[-1] + 1))  # measured span only; no extrapolation
+        mags = _interp_log(ks, [r["grad_mean"] for r in rows], grid) if interpolated else [r["grad_mean"] for r in rows]
+        totals = [mg * math.comb(m, k) for mg, k in zip(mags, grid)]
+        lo, hi = effective_range(grid, totals, mass)
+        eff = (lo + n_fixed, hi + n_fixed)
+    bsz = int(batches[0][0].shape[0])
+    return PathResult(rows=rows, n_units=n, n_routable=m, at=at, bn=bn, samples=samples, batch_size=bsz,
+                      effective_range=eff, effective_mass=mass, interpolated=interpolated,
+                      meta=dict(measured_lengths=[ks[0] + n_fixed, ks[-1] + n_fixed], seed=seed))

@@ -1,0 +1,258 @@
+"""Run the ensemble-view experiments end to end (CSV + PNG + a summary) and render report sections.
+
+* :func:`run_lesion_experiment` / :func:`run_paths_experiment`: what ``reslab lesion`` and
+  ``reslab paths`` do, as library calls (several networks side by side).
+* :func:`lesion_section` / :func:`paths_section`: markdown sections for ``reslab demo``'s
+  report, ``(model, batches, out_dir) -> str``; images and CSVs are written to ``out_dir``
+  and linked by file name (relative to the report).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+import torch.nn as nn
+
+from reslab.analysis import plots
+from reslab.analysis.lesion import (as_batch_list, check_bn, compare_lesions, k_lesion_eligible, summarize,
+                                    write_csv)
+from reslab.analysis.paths import PathResult, central_range, gradient_per_path_length
+
+LESION_FILES = {"single": "lesion_single", "k": "lesion_k", "reorder": "lesion_reorder"}
+
+
+def _summary_single(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for key in dict.fromkeys((r["model"], r["bn"]) for r in rows):
+        sel = [r for r in rows if (r["model"], r["bn"]) == key]
+        base = next(r["error"] for r in sel if r["unit"] == -1)
+        plain = [r for r in sel if r["unit"] != -1 and r["error"] is not None and not r["downsample"]]
+        down = [r for r in sel if r["unit"] != -1 and r["error"] is not None and r["downsample"]]
+        inel = [r["unit"] for r in sel if r["unit"] != -1 and r["error"] is None]
+
+        def stats(rs: list[dict[str, Any]]) -> dict[str, Any]:
+            if not rs:
+                return dict(mean=None, max=None, argmax=None)
+            worst = max(rs, key=lambda r: r["error"])
+            return dict(mean=sum(r["error"] for r in rs) / len(rs), max=worst["error"], argmax=worst["unit"])
+
+        out.append(dict(model=key[0], bn=key[1], baseline=base, non_downsampling=stats(plain),
+                        downsampling=stats(down), ineligible=inel))
+    return out
+
+
+def run_lesion_experiment(models: dict[str, nn.Module], batches: Iterable[Any] | dict[str, Iterable[Any]],
+                          mode: str = "single", out_dir: str | os.PathLike | None = None, *, bn: str = "frozen",
+                          calib_batches: Any = None, **kwargs: Any) -> dict[str, Any]:
+    """One lesion experiment on several networks; writes ``lesion_<mode>.csv`` and ``.png`` to
+    ``out_dir`` (when given) and returns ``{"rows", "summary", "files"}``."""
+    if isinstance(calib_batches, dict):
+        for label in models:
+            check_bn(bn, calib_batches.get(label))
+    else:
+        check_bn(bn, calib_batches)
+    rows = compare_lesions(models, batches, mode, bn=bn, calib_batches=calib_batches, **kwargs)
+    if mode == "single":
+        summary: Any = _summary_single(rows)
+    else:
+        summary = summarize(rows, "k" if mode == "k" else "swaps")
+    files: dict[str, str] = {}
+    if out_dir is not None:
+        stem = os.path.join(str(out_dir), LESION_FILES[mode])
+        files["csv"] = write_csv(rows, stem + ".csv")
+        plot = {"single": plots.plot_single_lesion, "k": plots.plot_k_lesion, "reorder": plots.plot_reorder}[mode]
+        files["png"] = plot(rows, stem + ".png")
+    return dict(mode=mode, bn=bn, rows=rows, summary=summary, files=files)
+
+
+def run_paths_experiment(models: dict[str, nn.Module], batches: Iterable[Any] | dict[str, Iterable[Any]],
+                         out_dir: str | os.PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Path-length analysis of several networks; writes ``paths.csv`` (one row per network and
+    length), ``paths.png`` (Fig. 6 a-c) and ``paths_summary.json``; returns
+    ``{"results": {label: PathResult}, "summary": {label: dict}, "files"}``."""
+    shared = None if isinstance(batches, dict) else as_batch_list(batches)
+    results: dict[str, PathResult] = {}
+    for label, m in models.items():
+        ev = batches[label] if shared is None else shared
+        results[label] = gradient_per_path_length(m, ev, **kwargs)
+    summary = {label: r.summary() for label, r in results.items()}
+    files: dict[str, str] = {}
+    if out_dir is not None:
+        rows = [dict(model=label, at=r.at, bn=r.bn, **row) for label, r in results.items() for row in r.rows]
+        files["csv"] = write_csv(rows, os.path.join(str(out_dir), "paths.csv"))
+        files["png"] = plots.plot_paths(results, os.path.join(str(out_dir), "paths.png"))
+        p = os.path.join(str(out_dir), "paths_summary.json")
+        with open(p, "w") as f:
+            json.dump(summary, f, indent=1)
+        files["json"] = p
+    return dict(results=results, summary=summary, files=files)
+
+
+# ---- markdown ---------------------------------------------------------------------------------
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _single_table(summary: list[dict[str, Any]]) -> list[str]:
+    lines = ["| network | BN | intact | delete one non-downsampling unit: mean / worst | "
+             "delete a downsampling unit: worst | not deletable |",
+             "|---|---|---|---|---|---|"]
+    for s in summary:
+        nd, dn = s["non_downsampling"], s["downsampling"]
+        worst_nd = "-" if nd["max"] is None else f"{_pct(nd['max'])} (unit {nd['argmax']})"
+        worst_dn = "-" if dn["max"] is None else f"{_pct(dn['max'])} (unit {dn['argmax']})"
+        inel = ", ".join(map(str, s["ineligible"])) or "-"
+        lines.append(f"| {s['model']} | {s['bn']} | {_pct(s['baseline'])} | {_pct(nd['mean'])} / {worst_nd} | "
+                     f"{worst_dn} | {inel} |")
+    return lines
+
+
+def _k_table(summary: list[dict[str, Any]]) -> list[str]:
+    curves = list(dict.fromkeys((s["model"], s["bn"]) for s in summary))
+    ks = sorted({s["k"] for s in summary})
+    head = "| k | " + " | ".join(f"{m} ({b})" for m, b in curves) + " |"
+    lines = [head, "|---" * (len(curves) + 1) + "|"]
+    for k in ks:
+        cells = []
+        for m, b in curves:
+            s = next((s for s in summary if s["model"] == m and s["bn"] == b and s["k"] == k), None)
+            cells.append("-" if s is None else f"{_pct(s['mean'])} ± {100 * s['std']:.1f}")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _lesion_body(models: dict[str, nn.Module], batches: list, out_dir: str | os.PathLike, *,
+                 calib: list | None, ks: Sequence[int] | None, repeats: int, seed: int,
+                 n_calib: int) -> tuple[str, list[tuple[str, str]]]:
+    bn = "both" if calib is not None else "frozen"
+    single = run_lesion_experiment(models, batches, "single", out_dir, bn=bn, calib_batches=calib, n_calib=n_calib)
+    n_elig = min(len(k_lesion_eligible(m)) for m in models.values())
+    if ks is None:
+        step = max(1, n_elig // 8)
+        ks = sorted(set(list(range(0, n_elig + 1, step)) + [n_elig]))
+    kres = run_lesion_experiment(models, batches, "k", out_dir, bn=bn, calib_batches=calib, n_calib=n_calib,
+                                 ks=ks, repeats=repeats, seed=seed)
+    n_img = sum(int(y.numel()) for _, y in batches)
+    body = "\n".join([
+        f"Residual branches deleted at test time (Veit et al. 2016), {n_img} evaluation images. BN protocol "
+        "*frozen*: the stored running statistics (the paper's protocol); *recalibrated*: statistics re-estimated "
+        "on training images for each lesioned network. A deleted plain unit passes its input through; "
+        "downsampling plain units cannot be deleted (listed as not deletable).", "",
+        *_single_table(single["summary"]), "",
+        f"Deleting k random non-downsampling units ({repeats} draws per k; mean error ± std in points):", "",
+        *_k_table(kres["summary"]), "",
+        f"Data: `{os.path.basename(single['files']['csv'])}`, `{os.path.basename(kres['files']['csv'])}`."])
+    figs = [(os.path.basename(single["files"]["png"]),
+             "Error with one unit deleted (dashed: intact network; squares: downsampling units)."),
+            (os.path.basename(kres["files"]["png"]), "Error with k random units deleted (band: ± one std).")]
+    return body, figs
+
+
+def _paths_body(model: nn.Module, batches: list, out_dir: str | os.PathLike, *, label: str, samples: int, at: str,
+                bn: str, seed: int, mass: float) -> tuple[str, list[tuple[str, str]]]:
+    res = run_paths_experiment({label: model}, batches, out_dir, samples=samples, at=at, bn=bn, seed=seed, mass=mass)
+    s = res["summary"][label]
+    r: PathResult = res["results"][label]
+    lo, hi = central_range(r.n_routable, 0.95)
+    where = "the input of the first residual unit" if at == "unit" else "the image"
+    peak = max(r.rows, key=lambda row: row["total"])
+    eff = s["effective_range"]
+    eff_line = (f"* {mass:.0%} of the total gradient comes from paths of length {eff[0]}-{eff[1]} "
+                f"({100 * s['effective_paths_fraction']:.2f}% of all paths)." if eff else
+                "* effective range undefined (zero gradient).")
+    body = "\n".join([
+        f"{label}: {r.n_units} residual units unravel into 2^{r.n_routable} paths; path length ~ Binomial"
+        f"({r.n_routable}, 1/2), 95% of the paths have length {lo + r.n_fixed}-{hi + r.n_fixed}. "
+        f"Gradient measured at {where}, {bn}-mode BatchNorm, {samples} (batch, subset) samples of "
+        f"{r.batch_size} images per length (forward unchanged; backward through the branches of k units and the "
+        "shortcuts of the others).", "",
+        f"* gradient magnitude per path: {r.rows[0]['grad_mean']:.3g} at length {r.rows[0]['length']}, "
+        f"{r.rows[-1]['grad_mean']:.3g} at length {r.rows[-1]['length']};",
+        f"* total gradient (magnitude x number of paths) peaks at length {peak['length']};", eff_line, "",
+        f"Data: `{os.path.basename(res['files']['csv'])}`."])
+    figs = [(os.path.basename(res["files"]["png"]),
+             "(a) paths per length, (b) gradient magnitude per path, (c) total gradient per length.")]
+    return body, figs
+
+
+def _render(title: str, body: str, figs: list[tuple[str, str]], level: int) -> str:
+    parts = [f"{'#' * level} {title}", "", body, ""]
+    for rel, cap in figs:
+        parts += [f"![{cap}]({rel})", ""]
+    return "\n".join(parts)
+
+
+LESION_TITLE = "Lesion study"
+PATHS_TITLE = "Path lengths"
+
+
+def lesion_section(model: nn.Module, batches: Iterable[Any], out_dir: str | os.PathLike, *,
+                   plain_model: nn.Module | None = None, extra_models: dict[str, nn.Module] | None = None,
+                   calib_batches: Iterable[Any] | None = None, label: str = "resnet", plain_label: str = "plain",
+                   ks: Sequence[int] | None = None, repeats: int = 5, seed: int = 0, n_calib: int = 10,
+                   heading_level: int = 2) -> str:
+    """Markdown section: single-unit and k-unit lesions of ``model`` (and of its plain twin and
+    any ``extra_models``, side by side), frozen BN, plus recalibrated BN when ``calib_batches``
+    are given. Writes lesion_single / lesion_k CSV + PNG into ``out_dir``; links them by name."""
+    models = {label: model}
+    if plain_model is not None:
+        models[plain_label] = plain_model
+    models.update(extra_models or {})
+    calib = as_batch_list(calib_batches) if calib_batches is not None else None
+    body, figs = _lesion_body(models, as_batch_list(batches), out_dir, calib=calib, ks=ks, repeats=repeats,
+                              seed=seed, n_calib=n_calib)
+    return _render(LESION_TITLE, body, figs, heading_level)
+
+
+def paths_section(model: nn.Module, batches: Iterable[Any], out_dir: str | os.PathLike, *, samples: int = 8,
+                  label: str = "resnet", at: str = "unit", bn: str = "eval", seed: int = 0, mass: float = 0.9,
+                  heading_level: int = 2) -> str:
+    """Markdown section: path-length distribution and gradient per path length of ``model``
+    (Veit et al. 2016 Fig. 6). Writes paths.csv / paths.png / paths_summary.json into ``out_dir``."""
+    body, figs = _paths_body(model, as_batch_list(batches), out_dir, label=label, samples=samples, at=at, bn=bn,
+                             seed=seed, mass=mass)
+    return _render(PATHS_TITLE, body, figs, heading_level)
+
+
+# ---- adapters for reslab demo (reslab.report.demo.default_sections) ------------------------------
+def _demo_batches(data: Any, batch_size: int = 128) -> list:
+    from reslab.data import EvalTransform, eval_batches
+
+    return list(eval_batches(data, batch_size, EvalTransform(data.mean, data.std, data.eval_crop)))
+
+
+def _demo_models(ctx: Any) -> tuple[dict[str, nn.Module], str | None]:
+    models = {label: ctx.load_model(label) for label in ctx.runs}
+    residual = next((k for k, m in models.items() if any(u.has_shortcut for u in m.residual_units())), None)
+    return models, residual
+
+
+def demo_lesion_section(ctx: Any) -> Any:
+    """``reslab demo`` section: lesion study of every demo network (ResNet and plain twin side
+    by side), frozen and recalibrated BN. Returns a ``ReportSection``."""
+    from reslab.report.markdown import ReportSection
+
+    models, _ = _demo_models(ctx)
+    calib = _demo_batches(ctx.train_set)[:10]
+    body, figs = _lesion_body(models, _demo_batches(ctx.eval_set), ctx.out_dir, calib=calib, ks=None, repeats=5,
+                              seed=0, n_calib=10)
+    return ReportSection(LESION_TITLE, body, figs)
+
+
+def demo_paths_section(ctx: Any) -> Any:
+    """``reslab demo`` section: path-length analysis of the demo's residual network (the plain
+    twin has a single path). Returns a ``ReportSection``, or ``None`` without a residual network."""
+    from reslab.report.markdown import ReportSection
+
+    models, residual = _demo_models(ctx)
+    if residual is None:
+        return None
+    body, figs = _paths_body(models[residual], _demo_batches(ctx.eval_set, 32), ctx.out_dir, label=residual,
+                             samples=8, at="unit", bn="eval", seed=0, mass=0.9)
+    return ReportSection(PATHS_TITLE, body, figs)
+
+
+def demo_sections() -> list:
+    """The analysis sections to append to ``reslab.report.demo.default_sections()``."""
+    return [demo_lesion_section, demo_paths_section]

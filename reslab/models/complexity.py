@@ -1,0 +1,195 @@
+"""Model complexity: parameters, FLOPs (``torch.utils.flop_counter``) and stage shapes.
+
+FLOP convention: ``flops`` is what :class:`torch.utils.flop_counter.FlopCounterMode` reports
+for one image (one multiply-add = 2 FLOPs; convolutions and matrix products only, no BN,
+ReLU, additions or pooling). ``macs = flops / 2`` is the "FLOPs" figure the ResNet papers
+print (He et al. 2015: ResNet-50 3.8e9; torchvision: 4.09 GFLOPS, i.e. multiply-adds).
+
+Counting runs one batch-1 forward in eval mode. :func:`model_info` builds the model on the
+``meta`` device for large inputs (no memory, no weight initialisation cost, no real compute)
+and on the CPU for small ones, where meta's Python-level kernels are slower than real ones.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from reslab.models.registry import create_model, default_input_size
+
+# Reference parameter counts (millions) printed by the papers (or by torchvision where a paper
+# prints none), for `reslab models --markdown` and docs/models.md. Tests carry their own copy.
+PAPER_PARAMS: dict[str, tuple[float, str]] = {
+    "cifar_resnet20": (0.27, "He et al. 2015, Table 6"),
+    "cifar_resnet32": (0.46, "He et al. 2015, Table 6"),
+    "cifar_resnet44": (0.66, "He et al. 2015, Table 6"),
+    "cifar_resnet56": (0.85, "He et al. 2015, Table 6"),
+    "cifar_resnet110": (1.7, "He et al. 2015, Table 6"),
+    "cifar_resnet1202": (19.4, "He et al. 2015, Table 6"),
+    "cifar_preact_resnet164": (1.7, "He et al. 2016"),
+    "cifar_preact_resnet1001": (10.2, "He et al. 2016 (weights without BN)"),
+    "cifar_wrn16_8": (11.0, "Zagoruyko & Komodakis 2016, Table 4"),
+    "cifar_wrn22_8": (17.2, "Zagoruyko & Komodakis 2016, Table 4"),
+    "cifar_wrn28_10": (36.5, "Zagoruyko & Komodakis 2016, Table 4"),
+    "cifar_wrn40_4": (8.9, "Zagoruyko & Komodakis 2016, Table 4"),
+    "cifar_wrn40_10": (56.0, "Zagoruyko & Komodakis 2016, Table 9 (~56M)"),
+    "cifar_resnext29_8x64d": (34.4, "Xie et al. 2017, Table 7"),
+    "cifar_resnext29_16x64d": (68.1, "Xie et al. 2017, Table 7"),
+    "resnet18": (11.689512, "torchvision"),
+    "resnet34": (21.797672, "torchvision"),
+    "resnet50": (25.557032, "torchvision"),
+    "resnet101": (44.549160, "torchvision"),
+    "resnet152": (60.192808, "torchvision"),
+    "resnext50_32x4d": (25.028904, "torchvision"),
+    "resnext101_32x4d": (44.177704, "torchvision"),
+    "resnext101_64x4d": (83.455272, "torchvision"),
+    "wide_resnet50_2": (68.883240, "torchvision (paper: 68.9M, Table 8)"),
+    "wide_resnet101_2": (126.886696, "torchvision"),
+}
+
+# Inputs with more pixels than this are counted on the meta device by model_info.
+_META_MIN_PIXELS = 64 * 64
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (works on meta-device models too)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+def _check_input_size(input_size: Any) -> tuple[int, ...]:
+    size = tuple(int(s) for s in input_size)
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError(f"input_size must be (C, H, W) with positive entries, got {tuple(input_size)}")
+    return size
+
+
+def _shapes(obj: Any) -> Any:
+    """Per-sample shape(s) of a stage output: ``[C, H, W]`` or a list of them for tuple states."""
+    if isinstance(obj, torch.Tensor):
+        return list(obj.shape[1:])
+    return [_shapes(o) for o in obj]
+
+
+def _num_chs(obj: Any) -> int:
+    """Channels of a stage output; a tuple state (DPN, merge-and-run) counts the channels of all parts."""
+    if isinstance(obj, torch.Tensor):
+        return int(obj.shape[1])
+    return sum(_num_chs(o) for o in obj)
+
+
+def _height(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return int(obj.shape[-2])
+    return _height(next(iter(obj)))
+
+
+def stage_outputs(model: nn.Module, x: torch.Tensor) -> list[Any]:
+    """The output of every stage listed in ``model.feature_info``, for any model of the contract.
+
+    Uses the model's ``forward_stages`` when it has one (families with tuple states, DPN and
+    merge-and-run, return there the single tensor that ``feature_info`` describes); otherwise
+    forward hooks on the modules named by ``feature_info[i]["module"]`` (raw outputs).
+    """
+    infos = getattr(model, "feature_info", None)
+    if not infos:
+        raise ValueError(f"{type(model).__name__} has no feature_info; it does not implement the model contract")
+    if hasattr(model, "forward_stages"):
+        return list(model.forward_stages(x))
+    outs: list[Any] = [None] * len(infos)
+    handles = []
+    for i, info in enumerate(infos):
+        def hook(_m: nn.Module, _inp: Any, out: Any, i: int = i) -> None:
+            outs[i] = out
+        handles.append(model.get_submodule(info["module"]).register_forward_hook(hook))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
+def _count(model: nn.Module, x: torch.Tensor) -> int:
+    with _eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def count_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """FLOPs of one forward of a single ``input_size`` (C, H, W) image, as FlopCounterMode counts
+    them (2 per multiply-add). The model runs once in eval mode on its own device; its
+    training flags are restored."""
+    size = _check_input_size(input_size)
+    x = torch.zeros(1, *size, device=_model_device(model))
+    return _count(model, x)
+
+
+def model_info(name: str, input_size: tuple[int, int, int] | None = None, device: str | None = None,
+               stages: bool = True, **overrides: Any) -> dict[str, Any]:
+    """Parameters, FLOPs/MACs, stage output shapes and residual units of a registered model.
+
+    ``input_size`` defaults to the model's native size (32x32 CIFAR, 224x224 ImageNet).
+    ``device`` defaults to ``"meta"`` for inputs larger than 64x64 and ``"cpu"`` otherwise.
+    ``stages=False`` skips the stage shapes (one forward fewer). ``overrides`` go to
+    :func:`reslab.create_model`.
+    """
+    size = _check_input_size(input_size) if input_size is not None else default_input_size(name)
+    if device is None:
+        device = "meta" if size[1] * size[2] > _META_MIN_PIXELS else "cpu"
+    with torch.device(device):
+        model = create_model(name, **overrides)
+    x = torch.zeros(1, *size, device=device)
+    flops = _count(model, x)
+    units = model.residual_units() if hasattr(model, "residual_units") else []
+    stage_rows = []
+    if stages and getattr(model, "feature_info", None):
+        with _eval_mode(model), torch.no_grad():
+            outs = stage_outputs(model, x)
+        for info, out in zip(model.feature_info, outs):
+            stage_rows.append(dict(module=info["module"], shape=_shapes(out), num_chs=_num_chs(out),
+                                   reduction=size[1] // _height(out)))
+    return dict(
+        name=name,
+        overrides={k: v for k, v in overrides.items() if v is not None},
+        input_size=list(size),
+        params=count_params(model),
+        flops=flops,
+        macs=flops // 2,
+        residual_units=len(units),
+        downsampling_units=sum(1 for u in units if u.downsample),
+        num_features=int(getattr(model, "num_features", 0)),
+        num_classes=int(getattr(model, "num_classes", 0)),
+        stages=stage_rows,
+    )
+
+
+def model_description(name: str) -> str:
+    """First line of a registered entry point's docstring (names the paper)."""
+    from reslab.models import registry
+
+    registry._ensure_loaded()
+    fn = registry._REGISTRY.get(name)
+    doc = (fn.__doc__ or "").strip() if fn is not None else ""
+    return doc.splitlines()[0] if doc else ""

@@ -1,0 +1,46 @@
+"""Plots for reports (matplotlib's Agg canvas: no display, no global backend switch)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+from reslab.train.logging import read_metrics
+
+
+def training_curves(runs: Mapping[str, str | os.PathLike], path: str | os.PathLike, title: str | None = None) -> Path:
+    """PNG with two panels per epoch: training loss, and train/test top-1 error (%) of each run.
+
+    ``runs`` maps a legend label to a run directory (its ``metrics.jsonl`` is read).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_err = fig.subplots(1, 2)
+    for i, (label, run_dir) in enumerate(runs.items()):
+        color = f"C{i}"
+        epochs = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch"]
+        if not epochs:
+            continue
+        ep = [r["epoch"] for r in epochs]
+        ax_loss.plot(ep, [r["train_loss"] for r in epochs], color=color, label=label)
+        ax_err.plot(ep, [100 * (1 - r["train_acc"]) for r in epochs], color=color, ls="--", label=f"{label} train")
+        test = [(r["epoch"], 100 * (1 - r["test_top1"])) for r in epochs if "test_top1" in r]
+        if test:
+            ax_err.plot(*zip(*test), color=color, marker="o", ms=3, label=f"{label} test")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
+    ax_err.set(xlabel="epoch", ylabel="top-1 error (%)", title="error (dashed: train, solid: test)")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
