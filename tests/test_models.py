@@ -2,8 +2,10 @@
 added later is tested without touching this file.
 
 Inputs are small: batch 2 at 32x32 for models whose native input is 32x32 (CIFAR), 64x64 for
-ImageNet models. The heaviest models (HEAVY) run their backward/checkpointing checks at half
-that side and are marked slow. Each model is built once (module-scoped fixture; pytest groups
+ImageNet models (output shape, NaN, head). Heavy models (HEAVY, or > 10M parameters) run their
+stage-shape, backward and checkpointing checks at a quarter of that side (never below the total
+reduction); the models in HEAVY are marked slow; the four largest ImageNet models skip the
+backward checks. Each model is built once (module-scoped fixture; pytest groups
 the tests of one model together) and tests restore what they change.
 """
 from __future__ import annotations
@@ -40,7 +42,8 @@ def test_registry_not_empty() -> None:
 
 
 class Built:
-    """One model under test, its test input ``x`` and a smaller input ``x_grad`` for backward checks."""
+    """One model under test, its test input ``x``, a smaller ``x_grad`` for backward checks (a
+    quarter of the side for heavy models, never below the total reduction) and ``x_small``."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -51,8 +54,9 @@ class Built:
         self.x = torch.randn(BATCH, c, side, side)
         heavy = name in HEAVY or count_params(self.model) > HEAVY_PARAMS
         min_side = max(info["reduction"] for info in self.model.feature_info)
-        gside = max(side // 2, min_side) if heavy else side
+        gside = max(side // 4, min_side) if heavy else side
         self.x_grad = self.x[:, :, :gside, :gside].contiguous()
+        self.x_small = self.x[:, :, :min_side, :min_side].contiguous()  # smallest valid input (shapes only)
         # Freshly initialised BN running statistics (mean 0, var 1) make eval mode a BN-free
         # network whose activations double per unit (cifar_preact_resnet1001 overflows to inf):
         # estimate the statistics from the test batch first, as after training.
@@ -112,6 +116,7 @@ def test_forward_features_head(built: Built) -> None:
     # feature_info describes the real stage outputs (channels and reduction).
     infos = model.feature_info
     assert infos, f"{name}: empty feature_info"
+    x = built.x_grad
     outs = stage_outputs(model, x)
     assert len(outs) == len(infos)
     prev = 0
@@ -127,7 +132,7 @@ def test_forward_features_head(built: Built) -> None:
 
 @torch.no_grad()
 def test_reset_classifier(built: Built) -> None:
-    name, model, x = built.name, built.model, built.x
+    name, model, x = built.name, built.model, built.x_small
     model.eval()
     n0 = _num_classes(model)
     try:

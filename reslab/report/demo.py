@@ -112,8 +112,11 @@ def results_section(ctx: DemoContext) -> ReportSection:
 
 
 def default_sections() -> list[Section]:
-    """The report's sections, in order (a fresh list; extend it to add analyses)."""
-    return [setup_section, results_section]
+    """The report's sections, in order (a fresh list; extend it to add analyses):
+    setup, results, then the lesion study and path-length analysis (Veit et al. 2016)."""
+    from reslab.analysis.report_sections import demo_sections
+
+    return [setup_section, results_section, *demo_sections()]
 
 
 def _prepare_out(out: Path, labels: list[str], force: bool) -> None:
