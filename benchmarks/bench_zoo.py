@@ -1,6 +1,6 @@
 """Speed of a reslab model beside another implementation of the same network, and fuse_bn.
 
-    python benchmarks/bench_zoo.py [--model cifar_resnet56] [--batch 128] [--steps 2] [--repeats 5] [--json]
+    python benchmarks/bench_zoo.py [--model cifar_resnet56] [--batch 128] [--steps 1] [--repeats 3] [--threads T] [--json]
 
 The other implementation is timm's model of the same name when timm is installed and has it,
 otherwise a small plain-PyTorch reference written here (torchvision-layout ResNet/ResNeXt/WRN for
@@ -188,15 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="cifar_resnet56")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=2, help="timed iterations per measurement")
-    p.add_argument("--repeats", type=int, default=5, help="alternating rounds; the median is reported")
+    p.add_argument("--steps", type=int, default=1, help="timed iterations per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds; the median is reported")
     p.add_argument("--image-size", type=int, help="input side (default: the model's native size)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (default 1: comparable across machines and immune to "
+                        "oversubscription on shared ones; 0 keeps torch's default)")
     p.add_argument("--no-timm", action="store_true", help="compare with the plain reference even if timm is there")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.batch < 2 or args.steps < 1 or args.repeats < 1:
-        p.error("--batch must be >= 2, --steps and --repeats >= 1")
+    if args.batch < 2 or args.steps < 1 or args.repeats < 1 or args.threads < 0:
+        p.error("--batch must be >= 2, --steps and --repeats >= 1, --threads >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -218,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         model.eval(), other.eval()
         ref = model(x[:4])
-        diff_other = float((other(x[:4]) - ref).abs().max()) if same_weights else None
-        diff_fused = float((fused(x[:4]) - ref).abs().max())
+        scale = float(ref.abs().max())
+        diff_other = float((other(x[:4]) - ref).abs().max()) / scale if same_weights else None
+        diff_fused = float((fused(x[:4]) - ref).abs().max()) / scale
     train = measure({"reslab": train_step_fn(model, x, y), "other": train_step_fn(other, x, y)},
                     args.batch, args.steps, args.repeats)
     fused = fuse_bn(model)  # fuse the trained-for-a-few-steps weights (same cost either way)
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     res = dict(
         model=args.model, other=other_kind, batch=args.batch, image_size=side, steps=args.steps,
         repeats=args.repeats, threads=torch.get_num_threads(), torch=torch.__version__,
-        same_weights=same_weights, max_abs_diff_other=diff_other, max_abs_diff_fused=diff_fused,
+        same_weights=same_weights, rel_diff_other=diff_other, rel_diff_fused=diff_fused,
         train_ips=train, infer_ips=infer,
         ratio_train=train["reslab"] / train["other"],
         ratio_infer=infer["reslab"] / infer["other"],
@@ -241,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model} vs {other_kind}: batch {args.batch}, {side}x{side}, {res['threads']} threads, "
           f"median of {args.repeats} rounds x {args.steps} steps")
     if same_weights:
-        print(f"  same weights: max |reslab - other| = {diff_other:.2e}; max |fused - unfused| = {diff_fused:.2e}")
+        print(f"  same weights: max|reslab - other| / max|reslab| = {diff_other:.1e}")
+    print(f"  fused vs unfused (eval): max|diff| / max|out| = {diff_fused:.1e}")
     print(f"  train step  reslab {train['reslab']:8.1f} img/s   other {train['other']:8.1f} img/s   "
           f"ratio {res['ratio_train']:.3f}")
     print(f"  inference   reslab {infer['reslab']:8.1f} img/s   other {infer['other']:8.1f} img/s   "

@@ -212,7 +212,7 @@ def test_checkpointing_eval(built: Built) -> None:
     if name in NO_BACKWARD:
         pytest.skip("largest ImageNet models: forward checks only (time budget)")
     model.eval()
-    x = built.x_grad[:1]  # eval mode: one image is enough
+    x = built.x_small[:1]  # eval mode: one image of the smallest valid size is enough
     w = torch.randn(1, _num_classes(model))
     ref = _run(model, x, w)
     try:

@@ -405,12 +405,21 @@ def test_every_family_trains_and_evaluates_with_sd(name, kw):
         assert torch.isfinite(m(x)).all()
 
 
-def test_merge_run_fold_uses_branch_hook():
-    if "cifar_dmrnet_mr1" not in reslab.list_models():
-        pytest.skip("merge-and-run not built")
-    m = _randomize_bn(reslab.create_model("cifar_dmrnet_mr1", stochastic_depth=0.5)).eval()
+@pytest.mark.parametrize("name", ["cifar_dmrnet_mr1", "cifar_dpn26"])
+def test_fold_on_tuple_state_families(name):
+    # Branches that are not a layer chain need a scale_output_(factor) hook; without it the
+    # converter must refuse clearly rather than fold into the wrong layer.
+    if name not in reslab.list_models():
+        pytest.skip(f"{name} not built")
+    torch.manual_seed(0)
+    m = _randomize_bn(reslab.create_model(name, stochastic_depth=0.5)).eval()
     x = _x(2, 32)
     ref = m(x)
+    hooked = all(callable(getattr(u.branch, "scale_output_", None)) for u in m.residual_units())
+    if not hooked:
+        with pytest.raises(ValueError, match="scale_output_"):
+            fold_survival_into_branch(copy.deepcopy(m))
+        return
     torch.testing.assert_close(fold_survival_into_branch(copy.deepcopy(m))(x), ref, rtol=1e-4, atol=1e-5)
 
 

@@ -152,6 +152,14 @@ class DualPathBranch(nn.Module):
             return DualPathState(self.c1x1_c1(h), self.c1x1_c2(h))
         return DualPathState(h[:, : self.bw], h[:, self.bw:])
 
+    @torch.no_grad()
+    def scale_output_(self, factor: float) -> None:
+        """Multiply both output slices by ``factor`` (folds stochastic-depth scaling into the last
+        convolution(s); the branch ends in a bias-free conv, so this is exact)."""
+        convs = [self.c1x1_c1, self.c1x1_c2] if self.c1x1_c1 is not None else [self.c1x1_c.conv]
+        for conv in convs:
+            conv.weight.mul_(factor)
+
 
 class DualPathMerge(nn.Module):
     """``(resid0 + resid_inc, cat(dense0, dense_inc))``; with no branch (``f is None``) the

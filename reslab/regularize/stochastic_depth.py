@@ -148,7 +148,11 @@ class StochasticDepth:
     def from_drop_rate(cls, drop_rate: float, **kw: Any) -> "StochasticDepth":
         """timm's vocabulary: ``drop_path_rate`` r is the final *drop* rate; rule defaults to ``timm``."""
         kw.setdefault("rule", "timm")
-        return cls(final_survival=1.0 - float(drop_rate), **kw)
+        try:
+            rate = float(drop_rate)
+        except (TypeError, ValueError):
+            raise ValueError(f"stochastic_depth drop_rate must be a number in [0, 1), got {drop_rate!r}") from None
+        return cls(final_survival=1.0 - rate, **kw)
 
     @classmethod
     def coerce(cls, spec: "StochasticDepth | Mapping[str, Any] | float") -> "StochasticDepth":

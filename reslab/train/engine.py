@@ -287,6 +287,12 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         callbacks: :class:`Callback` objects called from the loop.
         progress: force the tqdm bar on/off (default: ``cfg.train.progress``, terminals only).
     """
+    from reslab.regularize.sd_train import FillMissingGrads, sd_callbacks
+
+    callbacks = list(callbacks)
+    if not any(isinstance(cb, FillMissingGrads) for cb in callbacks):
+        # e.g. stochastic_depth.fill_missing_grads (Torch7 optimiser fidelity); runs before the caller's
+        callbacks = sd_callbacks(cfg) + callbacks
     info = init_distributed(cfg.train.device)
     try:
         with _torch_settings(cfg.train, info.device):
@@ -354,6 +360,12 @@ class _Trainer:
         self.forward_model: nn.Module = self.model
         if info.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
+
+            from reslab.regularize.stochastic_depth import needs_find_unused_parameters
+
+            if needs_find_unused_parameters(self.model) and not t.ddp_find_unused_parameters:
+                raise ValueError("stochastic depth in batch mode skips whole branches, which DDP must be told about; "
+                                 "set train.ddp_find_unused_parameters=true (or use stochastic_depth.mode=row)")
 
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.forward_model = DDP(self.model, device_ids=ids,
@@ -429,6 +441,10 @@ class _Trainer:
             self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         ckpt.restore_rng(rng[self.info.rank] if self.info.rank < len(rng) else rng[0])
+        if state.get("gates") is not None:  # stochastic-depth gate stream (identical on every rank)
+            from reslab.regularize.stochastic_depth import set_gate_state
+
+            set_gate_state(self.model, state["gates"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.perm = state["perm"] if self.step_in_epoch > 0 else None
@@ -466,9 +482,14 @@ class _Trainer:
                  "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                  "perm": perm if perm is not None else torch.zeros(0, dtype=torch.int64),
                  "best": self.best, "final": self.final, "sums": self.sums.cpu(), "interval": self.interval.cpu(),
-                 "world_size": self.info.world_size}
+                 "world_size": self.info.world_size, "gates": self._gate_state()}
         ckpt.write_step_checkpoint(self.run_dir, self.global_step, tensors,
                                    self._metadata("ema" if self.ema else "model", self.final), state)
+
+    def _gate_state(self) -> torch.Tensor | None:
+        from reslab.regularize.stochastic_depth import gate_state
+
+        return gate_state(self.model) if any(u.sd_mode != "off" for u in _residual_units(self.model)) else None
 
     def _save_best(self, metrics: dict[str, Any]) -> None:
         if self.info.is_main:
@@ -609,3 +630,8 @@ class _Trainer:
         self._save(None)
         for cb in self.callbacks:
             cb.epoch_end(self.model, self.epoch, record)
+
+
+def _residual_units(model: nn.Module) -> list[nn.Module]:
+    fn = getattr(model, "residual_units", None)
+    return list(fn()) if callable(fn) else []
