@@ -1,6 +1,7 @@
 """Speed of a reslab model beside another implementation of the same network, and fuse_bn.
 
-    python benchmarks/bench_zoo.py [--model cifar_resnet56] [--batch 128] [--steps 1] [--repeats 3] [--threads T] [--json]
+    python benchmarks/bench_zoo.py [--model cifar_resnet56] [--batch 128] [--steps 1] [--repeats 3]
+                                   [--threads 1] [--image-size S] [--no-timm] [--json]
 
 The other implementation is timm's model of the same name when timm is installed and has it,
 otherwise a small plain-PyTorch reference written here (torchvision-layout ResNet/ResNeXt/WRN for
@@ -203,11 +204,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t_start = time.perf_counter()
-    c, h, w = default_input_size(args.model)
+    try:
+        c, h, w = default_input_size(args.model)
+        model = reslab.create_model(args.model)
+        nc = int(model.num_classes)
+        other, other_kind = other_model(args.model, nc, use_timm=not args.no_timm)
+    except ValueError as e:
+        print(f"bench_zoo: error: {e}", file=sys.stderr)
+        return 2
     side = args.image_size or h
-    model = reslab.create_model(args.model)
-    nc = int(model.num_classes)
-    other, other_kind = other_model(args.model, nc, use_timm=not args.no_timm)
     # Same weights where the key layouts agree (torchvision names; timm's ResNets use them too).
     try:
         other.load_state_dict(to_torchvision(model), strict=True)

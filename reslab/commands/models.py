@@ -29,7 +29,7 @@ def _g(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reslab.models.complexity import PAPER_PARAMS, model_description, model_info
+    from reslab.models.complexity import PAPER_PARAMS, format_reference, model_description, model_info
     from reslab.models.registry import list_models
 
     names = list_models(args.pattern)
@@ -46,12 +46,13 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             ref = PAPER_PARAMS.get(r["name"])
             if ref:
-                paper = f"{ref[0]:g}M ({ref[1]})"
-                diff = f"{100 * (r['params'] / (ref[0] * 1e6) - 1):+.1f}%"
+                paper = f"{format_reference(ref[0])} ({ref[1]})"
+                diff = f"{100 * (r['params'] / ref[0] - 1):+.1f}%"
             else:
                 paper, diff = "—", "—"
             size = "x".join(str(s) for s in r["input_size"][1:])
-            print(f"| `{r['name']}` | {model_description(r['name'])} | {size} | {r['params']:,} | {paper} | {diff} "
+            desc = model_description(r["name"]).replace("|", "\\|")
+            print(f"| `{r['name']}` | {desc} | {size} | {r['params']:,} | {paper} | {diff} "
                   f"| {_g(r['macs'])} | {_g(r['flops'])} | {r['residual_units']} |")
         return 0
     width = max(len(n) for n in names)

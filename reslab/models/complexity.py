@@ -12,6 +12,7 @@ and on the CPU for small ones, where meta's Python-level kernels are slower than
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any, Iterator
 
 import torch
@@ -20,35 +21,51 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from reslab.models.registry import create_model, default_input_size
 
-# Reference parameter counts (millions) printed by the papers (or by torchvision where a paper
-# prints none), for `reslab models --markdown` and docs/models.md. Tests carry their own copy.
+# Reference parameter counts printed by the papers (in millions, as rounded there), or exact
+# library figures (torchvision / timm) where a paper prints none, for `reslab models --markdown`
+# and docs/models.md. Tests carry their own copy of the numbers they check.
 PAPER_PARAMS: dict[str, tuple[float, str]] = {
-    "cifar_resnet20": (0.27, "He et al. 2015, Table 6"),
-    "cifar_resnet32": (0.46, "He et al. 2015, Table 6"),
-    "cifar_resnet44": (0.66, "He et al. 2015, Table 6"),
-    "cifar_resnet56": (0.85, "He et al. 2015, Table 6"),
-    "cifar_resnet110": (1.7, "He et al. 2015, Table 6"),
-    "cifar_resnet1202": (19.4, "He et al. 2015, Table 6"),
-    "cifar_preact_resnet164": (1.7, "He et al. 2016"),
-    "cifar_preact_resnet1001": (10.2, "He et al. 2016 (weights without BN)"),
-    "cifar_wrn16_8": (11.0, "Zagoruyko & Komodakis 2016, Table 4"),
-    "cifar_wrn22_8": (17.2, "Zagoruyko & Komodakis 2016, Table 4"),
-    "cifar_wrn28_10": (36.5, "Zagoruyko & Komodakis 2016, Table 4"),
-    "cifar_wrn40_4": (8.9, "Zagoruyko & Komodakis 2016, Table 4"),
-    "cifar_wrn40_10": (56.0, "Zagoruyko & Komodakis 2016, Table 9 (~56M)"),
-    "cifar_resnext29_8x64d": (34.4, "Xie et al. 2017, Table 7"),
-    "cifar_resnext29_16x64d": (68.1, "Xie et al. 2017, Table 7"),
-    "resnet18": (11.689512, "torchvision"),
-    "resnet34": (21.797672, "torchvision"),
-    "resnet50": (25.557032, "torchvision"),
-    "resnet101": (44.549160, "torchvision"),
-    "resnet152": (60.192808, "torchvision"),
-    "resnext50_32x4d": (25.028904, "torchvision"),
-    "resnext101_32x4d": (44.177704, "torchvision"),
-    "resnext101_64x4d": (83.455272, "torchvision"),
-    "wide_resnet50_2": (68.883240, "torchvision (paper: 68.9M, Table 8)"),
-    "wide_resnet101_2": (126.886696, "torchvision"),
+    "cifar_resnet20": (0.27e6, "He et al. 2015, Table 6"),
+    "cifar_resnet32": (0.46e6, "He et al. 2015, Table 6"),
+    "cifar_resnet44": (0.66e6, "He et al. 2015, Table 6"),
+    "cifar_resnet56": (0.85e6, "He et al. 2015, Table 6"),
+    "cifar_resnet110": (1.7e6, "He et al. 2015, Table 6"),
+    "cifar_resnet1202": (19.4e6, "He et al. 2015, Table 6"),
+    "cifar_preact_resnet164": (1.7e6, "He et al. 2016"),
+    "cifar_preact_resnet1001": (10.2e6, "He et al. 2016; weights without BN"),
+    "cifar_wrn16_8": (11.0e6, "Zagoruyko & Komodakis 2016, Table 4"),
+    "cifar_wrn22_8": (17.2e6, "Zagoruyko & Komodakis 2016, Table 4"),
+    "cifar_wrn28_10": (36.5e6, "Zagoruyko & Komodakis 2016, Table 4"),
+    "cifar_wrn40_4": (8.9e6, "Zagoruyko & Komodakis 2016, Table 4"),
+    "cifar_wrn40_10": (56e6, "Zagoruyko & Komodakis 2016, Table 9, ~56M"),
+    "cifar_resnext29_8x64d": (34.4e6, "Xie et al. 2017, Table 7"),
+    "cifar_resnext29_16x64d": (68.1e6, "Xie et al. 2017, Table 7"),
+    "cifar_dmrnet_mr1": (1.7e6, "zlmzju/fusenet README"),
+    "cifar_dmrnet_mr2": (14.9e6, "zlmzju/fusenet README"),
+    "cifar_dmrnet_mr3": (24.8e6, "zlmzju/fusenet README"),
+    "cifar_fractalnet_c3b5": (38.6e6, "Larsson et al. 2017 as cited by khanrc/pt.fractalnet; that port has 33.7M"),
+    "resnet18": (11_689_512, "torchvision"),
+    "resnet34": (21_797_672, "torchvision"),
+    "resnet50": (25_557_032, "torchvision"),
+    "resnet101": (44_549_160, "torchvision"),
+    "resnet152": (60_192_808, "torchvision"),
+    "resnext50_32x4d": (25_028_904, "torchvision"),
+    "resnext101_32x4d": (44_177_704, "torchvision"),
+    "resnext101_64x4d": (83_455_272, "torchvision"),
+    "wide_resnet50_2": (68_883_240, "torchvision; paper 68.9M, Table 8"),
+    "wide_resnet101_2": (126_886_696, "torchvision"),
+    "dpn68": (12.61e6, "timm"),
+    "dpn92": (37.67e6, "timm"),
+    "dpn98": (61.57e6, "timm"),
+    "dpn131": (79.25e6, "timm"),
+    "dpn107": (86.92e6, "timm"),
 }
+
+
+def format_reference(n: float) -> str:
+    """``11,689,512`` for exact library counts, ``0.27M`` for a paper's rounded figure."""
+    return f"{int(n):,}" if float(n).is_integer() and n % 10_000 else f"{n / 1e6:g}M"
+
 
 # Inputs with more pixels than this are counted on the meta device by model_info.
 _META_MIN_PIXELS = 64 * 64
@@ -186,10 +203,12 @@ def model_info(name: str, input_size: tuple[int, int, int] | None = None, device
 
 
 def model_description(name: str) -> str:
-    """First line of a registered entry point's docstring (names the paper)."""
+    """The first sentence of a registered entry point's docstring (it names the paper)."""
     from reslab.models import registry
 
     registry._ensure_loaded()
     fn = registry._REGISTRY.get(name)
     doc = (fn.__doc__ or "").strip() if fn is not None else ""
-    return doc.splitlines()[0] if doc else ""
+    para = " ".join(doc.split("\n\n")[0].split())
+    m = re.search(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)\.(\s|$)", para)  # first full stop not in "et al."
+    return para[: m.start() + 1] if m else para

@@ -21,9 +21,9 @@ import torch.nn as nn
 
 Tensor = torch.Tensor
 
-_BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _TV_UNIT = re.compile(r"^layer(\d+)\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(\w+)$")
-_RS_UNIT = re.compile(r"^stages\.(\d+)\.units\.(\d+)\.(branch\.conv\d|branch\.bn\d|shortcut\.conv|shortcut\.bn)\.(\w+)$")
+_RS_UNIT = re.compile(
+    r"^stages\.(\d+)\.units\.(\d+)\.(branch\.conv\d|branch\.bn\d|shortcut\.conv|shortcut\.bn)\.(\w+)$")
 _TV_TOP = {"conv1": "stem.conv", "bn1": "stem.bn", "fc": "head.fc"}
 _RS_TOP = {v: k for k, v in _TV_TOP.items()}
 _SC = {"downsample.0": "shortcut.conv", "downsample.1": "shortcut.bn"}
