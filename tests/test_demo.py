@@ -23,6 +23,9 @@ def test_run_demo_one_epoch_with_extra_section(tmp_path: Path) -> None:
     assert set(res["models"]) == {"ResNet-20", "plain-20"}
     assert all(0 <= m["top1"] <= 1 for m in res["models"].values())
     assert "## Results" in report and "## Extra analysis" in report and "training_curves.png" in report
+    # the analysis issues' sections are part of the default report
+    assert "## Lesion study" in report and "## Path lengths" in report
+    assert (out / "lesion_single.csv").is_file() and (out / "paths.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert seen["units"] == 9
     with pytest.raises(FileExistsError, match="--force"):

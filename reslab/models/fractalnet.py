@@ -36,7 +36,7 @@ Deviations / choices: per-batch sampling only (khanrc's newer version is per sam
 local drop draws even for inputs that are then computed but unused (dropped inputs are still
 computed, as in the Caffe join); the 20-layer CIFAR net has 33.7M parameters like khanrc's
 port, not the paper's 38.6M (the paper under-specifies the difference; see
-docs/architectures_mr_fractal.md). FractalNet has no residual units: ``residual_units()`` is empty.
+docs/architectures.md). FractalNet has no residual units: ``residual_units()`` is empty.
 """
 from __future__ import annotations
 

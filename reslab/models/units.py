@@ -3,7 +3,7 @@
 Every residual family in reslab (ResNet v1, pre-activation, Wide ResNet, ResNeXt, DPN,
 merge-and-run) is a stack of :class:`ResidualUnit`. The gate is the single place where
 stochastic depth, lesions and gradient routing act, so the analysis tools never patch
-``forward`` (see docs/design.md).
+``forward`` (the design: one unit with separable parts, README "The library").
 
 Gate states:
 

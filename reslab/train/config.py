@@ -417,8 +417,18 @@ def load_config_dict(path: str | Path | None) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML config (or start from the defaults), apply ``key=value`` overrides, validate."""
-    return config_from_dict(apply_overrides(load_config_dict(path), overrides))
+    """Read a YAML config (or start from the defaults), apply ``key=value`` overrides, validate.
+
+    ``train.steps`` (a recipe counted in iterations, e.g. He et al.'s 64k) takes precedence over
+    ``train.epochs``; overriding only ``train.epochs`` of such a recipe would silently do nothing,
+    so it is an error that says how to shorten the run instead."""
+    base = load_config_dict(path)
+    keys = {o.split("=", 1)[0].strip() for o in overrides}
+    if "train.epochs" in keys and "train.steps" not in keys and (base.get("train") or {}).get("steps"):
+        raise ValueError(f"this recipe counts its length in iterations (train.steps={base['train']['steps']}), "
+                         "so train.epochs has no effect; set train.steps=N instead (or train.steps=null to use "
+                         "train.epochs)")
+    return config_from_dict(apply_overrides(base, overrides))
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -345,6 +345,13 @@ class _Trainer:
         self.num_classes, self.kwargs = model_kwargs(cfg, self.train_set.num_classes, self.train_set.channels)
         self._seed_everything(t.seed)
         self.model = build_model(cfg.model.name, self.num_classes, self.kwargs).to(info.device)
+        if any(u.sd_mode != "off" for u in _residual_units(self.model)) and \
+                getattr(getattr(self.model, "sd_config", None), "seed", None) is None:
+            # Stochastic-depth gates: one stream derived from the run seed, rank 0's broadcast to
+            # every rank, so all ranks drop the same units (experiments.md §2.3).
+            from reslab.regularize.stochastic_depth import sync_gate_seed
+
+            sync_gate_seed(self.model, (t.seed * 1_000_003 + 17) % 2**62)
         # Per-rank stream for stochastic layers (dropout, stochastic depth); rank 0 = single process.
         torch.manual_seed(t.seed + 1_000_003 * info.rank)
         if t.grad_checkpointing:
