@@ -10,6 +10,27 @@ from torch.utils.checkpoint import checkpoint
 from reslab.models.units import ResidualUnit
 
 
+def check_model_args(num_classes: int, in_chans: int, drop_rate: float = 0.0) -> None:
+    """Validate the arguments every network takes (``ValueError`` with the accepted range)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+
+
+def he_init_(module: nn.Module) -> None:
+    """He et al. 2015 initialisation: convolutions ``kaiming_normal_`` (fan-out, ReLU gain, as
+    torchvision), BatchNorm weight 1 and bias 0; linear layers keep PyTorch's default."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class Stage(nn.Module):
     """A sequence of units (``units``) run in order; supports gradient checkpointing.
 

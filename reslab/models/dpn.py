@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
-from reslab.models.base import ResidualNetBase, Stage
+from reslab.models.base import ResidualNetBase, Stage, check_model_args, he_init_
 from reslab.models.layers import ClassifierHead
 from reslab.models.registry import register_model
 from reslab.models.units import ResidualUnit
@@ -274,12 +274,7 @@ class DPN(ResidualNetBase):
 
     def __init__(self, spec: DPNSpec, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        check_model_args(num_classes, in_chans, drop_rate)
         self.spec = spec
         self.num_classes = num_classes
         self.stem, red = _stem(spec.stem, in_chans, spec.stem_chs)
@@ -297,7 +292,7 @@ class DPN(ResidualNetBase):
         self.final_norm = BnAct(chs)
         self.num_features = chs
         self.head = ClassifierHead(chs, num_classes, drop_rate)
-        self._init_weights()
+        he_init_(self)
         self._finish_init()
 
     @staticmethod
@@ -308,14 +303,6 @@ class DPN(ResidualNetBase):
         branch = DualPathBranch(in_chs, st.r, st.bw, st.inc, spec.groups, stride, spec.b)
         return ResidualUnit(branch, shortcut, DualPathMerge(st.inc), preact=DualPathConcat(),
                             shortcut_from_preact=first, stage=si, index=ui, downsample=first)
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each stage's output as one tensor ``cat(resid, dense)`` (``feature_info`` channels)."""

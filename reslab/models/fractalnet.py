@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from reslab.models.base import ResidualNetBase
+from reslab.models.base import ResidualNetBase, check_model_args
 from reslab.models.layers import ClassifierHead
 from reslab.models.registry import register_model
 
@@ -245,10 +245,7 @@ class FractalNet(ResidualNetBase):
         for name, p in (("local_drop", local_drop), ("global_drop", global_drop)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        check_model_args(num_classes, in_chans)
         self.num_columns, self.channels, self.dropout = columns, channels, drops
         self.num_classes = num_classes
         self.local_drop, self.global_drop, self.drop_path = float(local_drop), float(global_drop), bool(drop_path)

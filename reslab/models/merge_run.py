@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reslab.models.base import ResidualNetBase, Stage
+from reslab.models.base import ResidualNetBase, Stage, check_model_args, he_init_
 from reslab.models.layers import ClassifierHead, conv3x3, make_shortcut, make_stem, projection_shortcut
 from reslab.models.registry import register_model
 from reslab.models.units import AddMerge, ResidualUnit
@@ -245,10 +245,7 @@ class DeepFusionNet(ResidualNetBase):
             raise ValueError(f"blocks {blocks} and widths {widths} must be non-empty and of equal length")
         if min(blocks) < 1 or min(widths) < 1:
             raise ValueError(f"every stage needs >= 1 block and >= 1 channel, got blocks {blocks}, widths {widths}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        check_model_args(num_classes, in_chans, drop_rate)
         self.blocks_per_stage, self.widths, self.fusion = blocks, widths, fusion
         self.num_classes = num_classes
         two = fusion == "merge_run"
@@ -281,12 +278,7 @@ class DeepFusionNet(ResidualNetBase):
         self._finish_init()
 
     def _init_weights(self, zero_init_last: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        he_init_(self)
         if zero_init_last:
             for u in self.residual_units():
                 u.branch.scale_output_(0.0)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from reslab.models.base import ResidualNetBase, Stage
+from reslab.models.base import ResidualNetBase, Stage, check_model_args, he_init_
 from reslab.models.layers import ClassifierHead, conv1x1, conv3x3, make_shortcut, make_stem, norm_act, stem_reduction
 from reslab.models.units import AddMerge, ResidualUnit
 
@@ -115,10 +115,7 @@ class ResNet(ResidualNetBase):
 
     def __init__(self, spec: NetSpec, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        check_model_args(num_classes, in_chans, drop_rate)
         self.spec = spec
         self.num_classes = num_classes
         self.stem = make_stem(spec.stem, in_chans, spec.stem_chs)
@@ -154,12 +151,7 @@ class ResNet(ResidualNetBase):
         return ResidualUnit(branch, shortcut, AddMerge(post_act=True), stage=si, index=ui, downsample=downsample)
 
     def _init_weights(self, zero_init_last: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        he_init_(self)
         if zero_init_last:
             for u in self.residual_units():
                 last = [m for m in u.branch.modules() if isinstance(m, (nn.BatchNorm2d, nn.Conv2d))][-1]

@@ -196,8 +196,6 @@ def sweep(base_cfg: Any, out_dir: str | os.PathLike, survivals: Sequence[float] 
     ``expected_depth`` (sum of p_l over the model's units as configured), ``final_error``,
     ``best_error``.
     """
-    from reslab.models.registry import create_model  # noqa: F401  (validates names early)
-
     if not survivals:
         raise ValueError("give at least one final survival probability (e.g. --survival 0.5)")
     specs: list[StochasticDepth | None] = []
