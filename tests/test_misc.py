@@ -44,3 +44,26 @@ def test_epochs_override_of_an_iteration_recipe_is_an_error() -> None:
         load_config(RECIPE, ["train.epochs=10"])
     cfg = load_config(RECIPE, ["train.steps=null", "train.epochs=10"])
     assert cfg.train.steps is None and cfg.train.epochs == 10
+
+
+@pytest.mark.distributed
+def test_torchrun_launches_reslab_train(tmp_path: Path) -> None:
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(port), "-m", "reslab", "train", "--model", "cifar_resnet20",
+                        "--data", "synthetic", "--epochs", "1", "--batch-size", "16", "--out", str(out),
+                        "--no-progress", "--set", "data.num_train=64", "--set", "data.num_test=16",
+                        "--set", "data.image_size=8"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "env.json").read_text())["world_size"] == 2
+    assert len(list((out / "checkpoints").glob("*.safetensors"))) >= 1
