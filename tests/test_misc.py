@@ -67,3 +67,4 @@ def test_torchrun_launches_reslab_train(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "env.json").read_text())["world_size"] == 2
     assert len(list((out / "checkpoints").glob("*.safetensors"))) >= 1
+
