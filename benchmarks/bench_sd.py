@@ -81,7 +81,7 @@ def _fresh(model_name: str, state: dict, dev: torch.device, fmt: torch.memory_fo
     return m.to(dev, memory_format=fmt).train()
 
 
-def run(model_name: str = "cifar_resnet110", batch: int = 64, steps: int = 4, repeats: int = 5, warmup: int = 2,
+def run(model_name: str = "cifar_resnet110", batch: int = 128, steps: int = 4, repeats: int = 5, warmup: int = 2,
         final_survival: float = 0.5, device: str = "cpu", seed: int = 0, row: bool = True,
         channels_last: bool = False, explain: bool = False, clock: str = "auto") -> dict:
     dev = torch.device(device)
@@ -158,7 +158,7 @@ def _explain(model_name: str, state: dict, spec: StochasticDepth, x: torch.Tenso
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="cifar_resnet110")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=128, help="batch size (default 128, the paper's)")
     ap.add_argument("--steps", type=int, default=4, help="training steps per timed block")
     ap.add_argument("--repeats", type=int, default=5, help="alternating timed blocks per variant (median)")
     ap.add_argument("--final-survival", type=float, default=0.5)
