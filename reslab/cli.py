@@ -3,7 +3,8 @@
 Each sub-command lives in ``reslab/commands/<name>.py`` and exposes
 ``add_parser(subparsers) -> argparse.ArgumentParser`` which sets ``func`` (a callable
 taking the parsed namespace and returning an exit code) as a default.
-User errors (``ValueError``, ``FileNotFoundError``) become one line on stderr and exit 2.
+User errors (``ValueError``, ``FileNotFoundError``, ``NotImplementedError`` for an analysis a model
+family does not support) become one line on stderr and exit 2.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc = args.func(args)
-    except (ValueError, FileNotFoundError, UserError, FileExistsError, NotADirectoryError) as e:
+    except (ValueError, FileNotFoundError, UserError, FileExistsError, NotADirectoryError,
+            NotImplementedError) as e:  # NotImplementedError: e.g. lesioning FractalNet (no residual units)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"reslab {args.command}: error: {msg}", file=sys.stderr)
         return 2

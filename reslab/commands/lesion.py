@@ -84,13 +84,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except NotImplementedError as e:  # e.g. FractalNet: no residual units to lesion / route
-        raise ValueError(str(e)) from None
-
-
-def _run(args: argparse.Namespace) -> int:
     from reslab.analysis.lesion import load_for_analysis
     from reslab.analysis.report_sections import run_lesion_experiment
 

@@ -59,13 +59,6 @@ def _distribution(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except NotImplementedError as e:  # e.g. FractalNet: no residual units to lesion / route
-        raise ValueError(str(e)) from None
-
-
-def _run(args: argparse.Namespace) -> int:
     if not args.targets:
         return _distribution(args)
     from reslab.analysis.lesion import load_for_analysis
