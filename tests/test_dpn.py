@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _helpers import randomize_bn
 import reslab
 from reslab.models import default_input_size
 from reslab.models.dpn import (
@@ -31,17 +32,6 @@ def _tiny(b: bool = False, num_classes: int = 5) -> DPN:
     return DPN(spec, num_classes=num_classes)
 
 
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    return model
 
 
 def _x(n: int = 2, c: int = 3, hw: int = 8, seed: int = 0) -> torch.Tensor:
@@ -104,7 +94,7 @@ def test_jth_block_outputs_bw_plus_j_plus_2_inc_channels():
 
 # ---- block semantics --------------------------------------------------------------------------
 def test_zeroed_c1x1_c_makes_a_normal_block_the_identity_plus_zero_dense():
-    model = _randomize_bn(_tiny())
+    model = randomize_bn(_tiny())
     unit = model.stages[0].units[1]
     with torch.no_grad():
         unit.branch.c1x1_c.conv.weight.zero_()
@@ -118,7 +108,7 @@ def test_zeroed_c1x1_c_makes_a_normal_block_the_identity_plus_zero_dense():
 
 
 def test_normal_block_adds_residual_and_concatenates_dense():
-    model = _randomize_bn(_tiny()).eval()
+    model = randomize_bn(_tiny()).eval()
     unit = model.stages[0].units[2]
     s = _state(2, 16, 16, 8)
     inc = unit.branch(torch.cat(s, 1))
@@ -135,7 +125,7 @@ def _count_calls(module: nn.Module) -> list[int]:
 
 
 def test_lesion_of_a_normal_unit():
-    model = _randomize_bn(_tiny()).eval()
+    model = randomize_bn(_tiny()).eval()
     unit = model.stages[1].units[1]
     s = _state(2, 24, 18, 4)
     calls = _count_calls(unit.branch)
@@ -147,7 +137,7 @@ def test_lesion_of_a_normal_unit():
 
 
 def test_lesion_of_a_projection_unit_keeps_the_projection():
-    model = _randomize_bn(_tiny()).eval()
+    model = randomize_bn(_tiny()).eval()
     unit = model.stages[1].units[0]
     s = _state(2, 16, 20, 8)
     proj = unit.shortcut(torch.cat(s, 1))
@@ -159,7 +149,7 @@ def test_lesion_of_a_projection_unit_keeps_the_projection():
 
 
 def test_every_unit_can_be_lesioned_in_a_whole_network():
-    model = _randomize_bn(_tiny()).eval()
+    model = randomize_bn(_tiny()).eval()
     x = _x()
     y = model(x)
     for unit in model.residual_units():
@@ -170,7 +160,7 @@ def test_every_unit_can_be_lesioned_in_a_whole_network():
 
 
 def test_test_time_stochastic_depth_scales_both_increments():
-    model = _randomize_bn(_tiny()).eval()
+    model = randomize_bn(_tiny()).eval()
     unit = model.stages[0].units[1]
     s = _state(2, 16, 12, 8)
     inc = unit.branch(torch.cat(s, 1))
@@ -186,7 +176,7 @@ def test_test_time_stochastic_depth_scales_both_increments():
 
 
 def test_row_mode_masks_both_slices_per_sample():
-    model = _randomize_bn(_tiny()).train()
+    model = randomize_bn(_tiny()).train()
     unit = model.stages[0].units[1]
     unit.sd_mode, unit.survival_prob = "row", 0.5
     unit.gate_generator = torch.Generator().manual_seed(3)
@@ -200,7 +190,7 @@ def test_row_mode_masks_both_slices_per_sample():
 
 # ---- 'b' variant ------------------------------------------------------------------------------
 def test_b_variant_is_the_same_function_and_round_trips():
-    model = _randomize_bn(_tiny()).double().eval()
+    model = randomize_bn(_tiny()).double().eval()
     ref = copy.deepcopy(model.state_dict())
     x = _x().double()
     y = model(x)
@@ -286,7 +276,7 @@ def test_timm_key_mapping_round_trip_and_layout():
 def test_outputs_equal_timm_dpn68_with_the_same_weights(timm_name, b):
     # Runs where timm is installed (e.g. PYTHONPATH=. /work/tvenv/bin/python -m pytest tests/test_dpn.py).
     timm = pytest.importorskip("timm")
-    ref = _randomize_bn(timm.create_model(timm_name, pretrained=False)).double()
+    ref = randomize_bn(timm.create_model(timm_name, pretrained=False)).double()
     ours = reslab.create_model("dpn68", b=b).double()
     assert set(to_timm_dpn(ours.state_dict())) == set(ref.state_dict())
     ours.load_state_dict(from_timm_dpn(ref.state_dict()), strict=True)

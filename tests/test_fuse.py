@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _helpers import randomize_bn
 import reslab
 from reslab.models.fuse import count_fusable, fuse_bn
 
@@ -22,14 +23,6 @@ CASES = [
 ]
 
 
-def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.2)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
 
 
 def _bns(model: nn.Module) -> int:
@@ -41,7 +34,7 @@ def test_fuse_bn_same_output(name: str, kw: dict) -> None:
     if name not in reslab.list_models():
         pytest.skip(f"{name} not registered")
     model = reslab.create_model(name, **kw)
-    _randomize_bn(model, torch.Generator().manual_seed(0))
+    randomize_bn(model, seed=0)
     model.eval()
     side = 64 if reslab.models.default_input_size(name)[1] > 32 else 32
     x = torch.randn(2, 3, side, side)

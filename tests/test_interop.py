@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _helpers import randomize_bn
 import reslab
 from reslab.models.interop import from_torchvision, load_torchvision_weights, to_torchvision
 
@@ -94,15 +95,6 @@ REF_LAYOUTS = {
 }
 
 
-def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
-    """Random BN statistics and affine parameters, so that a wrong BN mapping changes the output."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
 
 
 def _x() -> torch.Tensor:
@@ -116,7 +108,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> None:
 @pytest.mark.parametrize("name", sorted(REF_LAYOUTS))
 def test_reference_to_reslab(name: str) -> None:
     ref = RefResNet(num_classes=17, **REF_LAYOUTS[name]).eval()
-    _randomize_bn(ref, torch.Generator().manual_seed(0))
+    randomize_bn(ref, seed=0)
     sd = from_torchvision(ref.state_dict(), name=name)
     ours = reslab.create_model(name, num_classes=17).eval()
     ours.load_state_dict(sd, strict=True)
@@ -127,7 +119,7 @@ def test_reference_to_reslab(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(REF_LAYOUTS))
 def test_reslab_to_reference(name: str) -> None:
     ours = reslab.create_model(name, num_classes=17).eval()
-    _randomize_bn(ours, torch.Generator().manual_seed(0))
+    randomize_bn(ours, seed=0)
     ref = RefResNet(num_classes=17, **REF_LAYOUTS[name]).eval()
     ref.load_state_dict(to_torchvision(ours), strict=True)
     with torch.no_grad():
@@ -209,14 +201,14 @@ def test_bad_argument_type() -> None:
 def test_real_torchvision(name: str) -> None:
     tvm = pytest.importorskip("torchvision.models")
     tv = getattr(tvm, name)(weights=None, num_classes=13).eval()
-    _randomize_bn(tv, torch.Generator().manual_seed(0))
+    randomize_bn(tv, seed=0)
     ours = reslab.create_model(name, num_classes=13).eval()
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in tv.parameters())
     load_torchvision_weights(ours, tv.state_dict())
     with torch.no_grad():
         _same(ours(_x()), tv(_x()))
     # and back
-    _randomize_bn(ours, torch.Generator().manual_seed(1))
+    randomize_bn(ours, seed=1)
     tv.load_state_dict(to_torchvision(ours), strict=True)
     with torch.no_grad():
         _same(tv(_x()), ours(_x()))

@@ -6,22 +6,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _helpers import randomize_bn
 import reslab
 from reslab.models.merge_run import (
     DeepFusionNet, MergeShortcut, TwoStream, fusenet_blocks, inception_unit, merge_run_unit,
 )
 
 
-def _randomize_bn(module: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN statistics and affine parameters, so eval-mode comparisons mean something."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
 def _small(fusion: str = "merge_run", **kw) -> DeepFusionNet:
@@ -66,7 +57,7 @@ def test_tied_weights_reduce_to_a_resnet_unit(where):
     res = reslab.create_model("cifar_resnet20", shortcut="B").eval()  # option B = per-stream projection
     si, ui = (0, 1) if where == "identity" else (1, 0)
     mu, ru = mr.stages[si].units[ui], res.stages[si].units[ui]
-    _randomize_bn(ru, seed=1)
+    randomize_bn(ru, seed=1)
     mu.branch.f1.load_state_dict(ru.branch.state_dict())
     mu.branch.f2.load_state_dict(ru.branch.state_dict())
     if where == "downsample":
@@ -98,7 +89,7 @@ def test_untied_weights_do_not_reduce_to_resnet():
 def test_cifar_head_is_relu_of_mean_plus_both_branches():
     torch.manual_seed(0)
     model = _small().eval()
-    _randomize_bn(model, seed=2)
+    randomize_bn(model, seed=2)
     last = model.residual_units()[-1]
     assert last.merge.fuse and not any(u.merge.fuse for u in model.residual_units()[:-1])
     x1, x2 = torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8)
@@ -136,7 +127,7 @@ def test_unfused_head_averages_the_streams():
 def test_dfn_il_block_formula(stride, in_chs):
     torch.manual_seed(0)
     u = inception_unit(in_chs, 8, stride).eval()
-    _randomize_bn(u, seed=3)
+    randomize_bn(u, seed=3)
     x = torch.randn(2, in_chs, 8, 8)
     with torch.no_grad():
         s = x if stride == 1 else u.shortcut(x)
@@ -161,7 +152,7 @@ def test_dfn_il_network():
 def test_lesion_gives_relu_of_the_mean_on_both_streams():
     torch.manual_seed(0)
     model = _small().eval()
-    _randomize_bn(model, seed=4)
+    randomize_bn(model, seed=4)
     for u in (model.stages[0].units[1], model.stages[1].units[0]):  # identity and projection merges
         c = u.branch.f1.conv1.in_channels
         x1, x2 = torch.randn(2, c, 8, 8), torch.randn(2, c, 8, 8)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _helpers import randomize_bn
 import reslab
 from reslab.models.units import ResidualUnit
 from reslab.regularize.stochastic_depth import (
@@ -29,18 +30,6 @@ from reslab.regularize.stochastic_depth import (
 )
 
 
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN affine parameters and running statistics (so scalings are visible)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    return model
 
 
 def _x(n: int = 4, size: int = 16, c: int = 3, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -237,7 +226,7 @@ def test_row_mode_dropped_rows_are_shortcut_kept_rows_rescaled(name, kw):
     torch.manual_seed(0)
     m = reslab.create_model(name, **kw, stochastic_depth={"final_survival": 0.5, "rule": "uniform", "mode": "row",
                                                           "scale": "train", "seed": 2, "drop_downsample": True})
-    m = _randomize_bn(m).double().train()
+    m = randomize_bn(m).double().train()
     u = m.residual_units()[3]  # downsampling unit (stage 1, index 0): shortcut is not the identity
     assert u.downsample
     x = torch.randn(16, 16, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -266,7 +255,7 @@ def test_monte_carlo_mean_equals_eval_output(mode, scale):
     m = reslab.create_model("cifar_preact_resnet", depth=20, bottleneck=False,
                             stochastic_depth={"final_survival": 0.6, "rule": "uniform", "mode": mode, "scale": scale,
                                               "seed": 5})
-    m = _randomize_bn(m).double()
+    m = randomize_bn(m).double()
     u = m.residual_units()[1]
     u.eval()
     x = torch.randn(2, 16, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -305,7 +294,7 @@ FAMILIES = [
 def test_fold_survival_converter(name, kw):
     torch.manual_seed(0)
     m = reslab.create_model(name, **kw, stochastic_depth={"final_survival": 0.5, "scale": "test", "seed": 0})
-    m = _randomize_bn(m).eval()
+    m = randomize_bn(m).eval()
     x = _x(2, 16)
     ref = m(x)
     folded = fold_survival_into_branch(copy.deepcopy(m))
@@ -334,7 +323,7 @@ def test_fold_survival_converter(name, kw):
 
 
 def test_fold_then_remove_keeps_function():
-    m = _randomize_bn(reslab.create_model("cifar_resnet20", stochastic_depth=0.5)).eval()
+    m = randomize_bn(reslab.create_model("cifar_resnet20", stochastic_depth=0.5)).eval()
     x = _x(2, 16)
     ref = m(x)
     plain = remove_stochastic_depth(fold_survival_into_branch(copy.deepcopy(m)))
@@ -412,7 +401,7 @@ def test_fold_on_tuple_state_families(name):
     if name not in reslab.list_models():
         pytest.skip(f"{name} not built")
     torch.manual_seed(0)
-    m = _randomize_bn(reslab.create_model(name, stochastic_depth=0.5)).eval()
+    m = randomize_bn(reslab.create_model(name, stochastic_depth=0.5)).eval()
     x = _x(2, 32)
     ref = m(x)
     hooked = all(callable(getattr(u.branch, "scale_output_", None)) for u in m.residual_units())
