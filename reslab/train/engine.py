@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from reslab.data import AugmentSpec, BatchAugment, EvalTransform, ImageDataset, TrainLoader, build_dataset
 from reslab.data import eval_batches
+from reslab.regularize import stochastic_depth as sd
 from reslab.train import checkpoint as ckpt
 from reslab.train.config import RunConfig, TrainConfig, config_diff, config_to_dict, dump_config, load_config
 from reslab.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
@@ -345,13 +346,11 @@ class _Trainer:
         self.num_classes, self.kwargs = model_kwargs(cfg, self.train_set.num_classes, self.train_set.channels)
         self._seed_everything(t.seed)
         self.model = build_model(cfg.model.name, self.num_classes, self.kwargs).to(info.device)
-        if any(u.sd_mode != "off" for u in _residual_units(self.model)) and \
-                getattr(getattr(self.model, "sd_config", None), "seed", None) is None:
+        self.uses_sd = any(u.sd_mode != "off" for u in sd.residual_units(self.model))
+        if self.uses_sd and getattr(getattr(self.model, "sd_config", None), "seed", None) is None:
             # Stochastic-depth gates: one stream derived from the run seed, rank 0's broadcast to
             # every rank, so all ranks drop the same units (experiments.md §2.3).
-            from reslab.regularize.stochastic_depth import sync_gate_seed
-
-            sync_gate_seed(self.model, (t.seed * 1_000_003 + 17) % 2**62)
+            sd.sync_gate_seed(self.model, (t.seed * 1_000_003 + 17) % 2**62)
         # Per-rank stream for stochastic layers (dropout, stochastic depth); rank 0 = single process.
         torch.manual_seed(t.seed + 1_000_003 * info.rank)
         if t.grad_checkpointing:
@@ -368,9 +367,7 @@ class _Trainer:
         if info.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            from reslab.regularize.stochastic_depth import needs_find_unused_parameters
-
-            if needs_find_unused_parameters(self.model) and not t.ddp_find_unused_parameters:
+            if sd.needs_find_unused_parameters(self.model) and not t.ddp_find_unused_parameters:
                 raise ValueError("stochastic depth in batch mode skips whole branches, which DDP must be told about; "
                                  "set train.ddp_find_unused_parameters=true (or use stochastic_depth.mode=row)")
 
@@ -449,9 +446,7 @@ class _Trainer:
         rng = state["rng"]
         ckpt.restore_rng(rng[self.info.rank] if self.info.rank < len(rng) else rng[0])
         if state.get("gates") is not None:  # stochastic-depth gate stream (identical on every rank)
-            from reslab.regularize.stochastic_depth import set_gate_state
-
-            set_gate_state(self.model, state["gates"])
+            sd.set_gate_state(self.model, state["gates"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.perm = state["perm"] if self.step_in_epoch > 0 else None
@@ -494,9 +489,7 @@ class _Trainer:
                                    self._metadata("ema" if self.ema else "model", self.final), state)
 
     def _gate_state(self) -> torch.Tensor | None:
-        from reslab.regularize.stochastic_depth import gate_state
-
-        return gate_state(self.model) if any(u.sd_mode != "off" for u in _residual_units(self.model)) else None
+        return sd.gate_state(self.model) if self.uses_sd else None
 
     def _save_best(self, metrics: dict[str, Any]) -> None:
         if self.info.is_main:
@@ -637,8 +630,3 @@ class _Trainer:
         self._save(None)
         for cb in self.callbacks:
             cb.epoch_end(self.model, self.epoch, record)
-
-
-def _residual_units(model: nn.Module) -> list[nn.Module]:
-    fn = getattr(model, "residual_units", None)
-    return list(fn()) if callable(fn) else []
