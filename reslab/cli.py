@@ -14,16 +14,31 @@ import sys
 
 # Sub-command modules, in the order `reslab --help` lists them. A module that is
 # missing (a feature not built yet) is skipped.
-COMMANDS = ["models", "info", "zoo", "train", "eval", "demo", "sd", "lesion", "paths", "unravel"]
+COMMANDS = ["models", "info", "zoo", "train", "eval", "demo", "sd", "lesion", "paths", "unravel", "weights", "export"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _commands_for(argv: list[str] | None) -> list[str]:
+    """The sub-command modules ``argv`` needs: only the named one (so that `reslab models` does not
+    import the modules, and torch, of every other command), none for a bare ``--version``, and all
+    for help or a misspelt command."""
+    if argv is None:
+        return COMMANDS
+    named = next((a for a in argv if not a.startswith("-")), None)
+    if named in COMMANDS:
+        return [named]
+    if named is None and "--version" in argv and not {"-h", "--help"} & set(argv):
+        return []
+    return COMMANDS
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with every sub-command, or with only those ``argv`` needs (:func:`_commands_for`)."""
     from reslab import __version__
 
     parser = argparse.ArgumentParser(prog="reslab", description="Residual networks: build, train, understand.")
     parser.add_argument("--version", action="version", version=f"reslab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in _commands_for(argv):
         try:
             mod = importlib.import_module(f"reslab.commands.{name}")
         except ModuleNotFoundError as e:
@@ -39,7 +54,8 @@ class UserError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -114,3 +114,60 @@ def test_model_info_cpu_and_meta_agree() -> None:
 def test_count_flops_bad_size() -> None:
     with pytest.raises(ValueError, match="input_size"):
         count_flops(reslab.create_model("cifar_resnet20"), (32, 32))
+
+
+# ---- the table `reslab models` reads (reslab/models/complexity_table.json) ----------------------
+def test_table_covers_exactly_the_registered_models_and_matches_the_counter() -> None:
+    from reslab.models.complexity import check_table
+
+    # Names: the table and the registry hold the same set. Numbers: a few small models of several
+    # families recounted live (all 57 take minutes; `python benchmarks/tools/complexity_table.py --check`).
+    small = ["cifar_resnet20", "cifar_plain20", "cifar_preact_resnet110", "cifar_dmrnet_mr1", "resnet18"]
+    assert check_table(names=small) == []
+
+
+def test_check_table_reports_stale_missing_and_extra_rows(tmp_path) -> None:
+    from reslab.models.complexity import check_table, table_row
+
+    by_name: dict[str, dict] = {n: {"name": n} for n in reslab.list_models()}
+    by_name["cifar_resnet20"] = dict(table_row("cifar_resnet20"), flops=1)
+    del by_name["cifar_plain20"]
+    by_name["not_a_model"] = {"name": "not_a_model"}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"models": list(by_name.values())}))
+    problems = check_table(path, names=["cifar_resnet20"])
+    assert len(problems) == 3
+    assert problems[0].startswith("cifar_plain20: registered but not in the table")
+    assert problems[1].startswith("not_a_model: in the table but not registered")
+    assert problems[2].startswith("cifar_resnet20: table")
+
+
+def test_models_positional_pattern_and_live_flops_agree(capsys: pytest.CaptureFixture[str]) -> None:
+    table = _json(capsys, ["models", "cifar_plain2*", "--json"])
+    assert [r["name"] for r in table] == ["cifar_plain20"]
+    live = _json(capsys, ["models", "--pattern", "cifar_plain2*", "--flops", "--json"])
+    assert live == table
+    assert main(["models", "cifar_*", "--pattern", "resnet*"]) == 2
+    assert "two patterns" in capsys.readouterr().err
+
+
+def test_models_and_version_start_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, reslab.cli; rc = reslab.cli.main(['models', 'cifar_resnet2*']); "
+            "print('torch' in sys.modules, rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0].startswith("model") and "cifar_resnet20" in out
+    assert out.splitlines()[-1] == "False 0"  # `reslab models` answers from the table, torch not imported
+    ver = subprocess.run([sys.executable, "-m", "reslab", "--version"], capture_output=True, text=True, check=True)
+    assert ver.stdout.startswith("reslab ")
+
+
+def test_cli_loads_only_the_named_command() -> None:
+    from reslab.cli import COMMANDS, _commands_for
+
+    assert _commands_for(["models", "cifar_*", "--json"]) == ["models"]
+    assert _commands_for(["--version"]) == []
+    assert _commands_for(["--help"]) == COMMANDS and _commands_for(["modls"]) == COMMANDS
+    assert _commands_for(None) == COMMANDS

@@ -1,6 +1,7 @@
 """FractalNet: experiments.md §3.3 (structure, columns, joins, drop-path statistics, flat joins)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -285,3 +286,184 @@ def test_extract_column_with_bn_recalibration():
     torch.testing.assert_close(bn_recal.running_mean, pre.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     # the FractalNet itself is untouched (the column is a copy)
     torch.testing.assert_close(net.blocks[0].columns[1][0].bn.running_mean, bn_plain.running_mean)
+
+
+# ---- per-sample drop-path (khanrc's newer scheme; experiments.md §3.2) ----------------------
+from reslab.models.fractalnet import fractal_join_per_sample, sample_keep_masks_per_sample  # noqa: E402
+
+
+def _sample_net(columns: int = 3, channels=(4, 4), **kw) -> FractalNet:
+    torch.manual_seed(0)
+    net = reslab.create_model("cifar_fractalnet", columns=columns, channels=channels, drop_path_mode="sample", **kw)
+    net.seed_drop_path(kw.pop("seed", 3))
+    return net
+
+
+def test_default_mode_is_batch_and_mode_errors():
+    assert reslab.create_model("cifar_fractalnet_c3b5", channels=SMALL).drop_path_mode == "batch"
+    net = _sample_net()
+    with pytest.raises(ValueError, match="batch size"):
+        net.sample_drop_path()
+    with pytest.raises(ValueError, match="drop_path_mode"):
+        _net(2, drop_path_mode="row")
+    with pytest.raises(ValueError, match="off_path_join"):
+        _net(2, off_path_join="nan")
+    plan = net.sample_drop_path(4)
+    with pytest.raises(ValueError, match="batch of 4"):
+        net.train()(torch.randn(3, 3, 8, 8), plan=plan)
+
+
+@pytest.mark.parametrize("global_drop", [0.0, 0.3, 0.5, 1.0])
+def test_per_sample_global_fraction_is_floor_of_batch(global_drop):
+    net = _sample_net(global_drop=global_drop)
+    for n in (1, 2, 7, 16):
+        for _ in range(5):
+            cols = net.sample_drop_path(n).sample_columns
+            assert cols.shape == (n,) and int((cols >= 0).sum()) == int(n * global_drop)
+    # the global half is a random subset of the batch, not fixed positions
+    hits = torch.stack([net.sample_drop_path(8).sample_columns >= 0 for _ in range(60)]).float().mean(0)
+    if 0.0 < global_drop < 1.0:
+        assert bool((hits > 0).all()) and bool((hits < 1).all())
+
+
+def test_per_sample_columns_are_uniform():
+    net = _sample_net(columns=4, channels=(4,))
+    cols = torch.cat([net.sample_drop_path(8).sample_columns for _ in range(200)])
+    cols = cols[cols >= 0]
+    assert cols.numel() == 800
+    freq = torch.bincount(cols, minlength=4).float() / cols.numel()
+    assert float((freq - 0.25).abs().max()) < 4 * math.sqrt(0.25 * 0.75 / 800)
+
+
+@pytest.mark.parametrize("fill", ["mean", "zero"])
+def test_per_sample_masks_consistent_column_and_survivors(fill):
+    C = 4
+    net = _sample_net(columns=C, channels=(4, 4, 4), off_path_join=fill)
+    for _ in range(10):
+        plan = net.sample_drop_path(12)
+        cols = plan.sample_columns
+        assert len(plan.keep_masks) == 3
+        for blk, masks in zip(net.blocks, plan.keep_masks):
+            widths = [w for w in blk.widths if w >= 2]
+            assert [tuple(m.shape) for m in masks] == [(w, 12) for w in widths]
+            for w, keep in zip(widths, masks):
+                for i, c in enumerate(cols.tolist()):
+                    if c < 0:                              # local: at least one survivor
+                        assert bool(keep[:, i].any())
+                    elif c >= C - w:                       # its column is in the join: only it survives
+                        expect = torch.zeros(w, dtype=torch.bool)
+                        expect[c - (C - w)] = True
+                        assert torch.equal(keep[:, i], expect)
+                    else:                                  # join off the sample's column
+                        assert bool(keep[:, i].all()) if fill == "mean" else not bool(keep[:, i].any())
+
+
+def test_per_sample_local_drop_rate_and_independence():
+    """Per sample the keep-one rule gives P(dropped) = p - p^n / n; samples draw independently."""
+    p, n, batch, trials = 0.15, 2, 1000, 20
+    g = torch.Generator().manual_seed(7)
+    masks = [sample_keep_masks_per_sample(n, batch, p, g) for _ in range(trials)]
+    assert all(bool(m.any(0).all()) for m in masks)
+    est = sum(int((~m).sum()) for m in masks) / (n * batch * trials)
+    expect = p - p ** n / n
+    sigma = math.sqrt(expect * (1 - expect) / (n * batch * trials))
+    assert abs(est - expect) < 4 * sigma and abs(est - p) > 6 * sigma
+    assert not bool((masks[0] == masks[0][:, :1]).all())  # not one decision for the whole batch
+    assert bool(sample_keep_masks_per_sample(3, 50, 1.0, g).sum(0).eq(1).all())
+
+
+def test_per_sample_join_formula():
+    a, b, c = (torch.randn(3, 2, 4, 4) for _ in range(3))
+    b[1] = float("nan")                                    # a dropped input must not leak NaN
+    keep = torch.tensor([[True, True, False], [False, False, True], [True, False, False]])
+    out = fractal_join_per_sample([a, b, c], keep)
+    torch.testing.assert_close(out[0], (a[0] + c[0]) / 2)
+    torch.testing.assert_close(out[1], a[1])
+    torch.testing.assert_close(out[2], b[2])
+    zero = fractal_join_per_sample([a, c], torch.tensor([[True, False, True], [False, False, True]]))
+    assert torch.equal(zero[1], torch.zeros_like(zero[1]))
+    torch.testing.assert_close(zero[2], (a[2] + c[2]) / 2)
+
+
+def test_per_sample_global_rows_equal_their_column():
+    """Behavioural consistency: a global sample's output is exactly its column's plain stack in
+    every block, even when every other column's weights are NaN (eval BN: no batch mixing)."""
+    net = _sample_net(columns=3, channels=(4, 4), global_drop=0.5).eval()
+    x = torch.randn(16, 3, 8, 8)
+    plan = net.sample_drop_path(16)
+    cols = plan.sample_columns
+    seen = set()
+    for c in range(3):
+        rows = (cols == c).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        seen.add(c)
+        ref = net.extract_column(c).eval()
+        poisoned = copy.deepcopy(net)
+        _poison_other_columns(poisoned, c)
+        with torch.no_grad():
+            out = poisoned(x, plan=plan)
+            torch.testing.assert_close(out[rows], ref(x)[rows], rtol=1e-5, atol=1e-6)
+    assert len(seen) >= 2
+    with torch.no_grad():
+        local = (cols < 0).nonzero().flatten()
+        assert bool(torch.isnan(poisoned(x, plan=plan)[local]).any())  # local samples use the other columns
+
+
+def test_zero_fill_feeds_zeros_to_deeper_units_mean_fill_does_not():
+    """experiments.md §3.2: with khanrc's zero join, units below an off-path join see zero inputs
+    for global samples (and BN counts them); the default mean fill feeds ordinary activations."""
+    seen = {}
+    for fill in ("mean", "zero"):
+        net = _sample_net(columns=3, channels=(4,), global_drop=1.0, off_path_join=fill).train()
+        x = torch.randn(24, 3, 8, 8)
+        plan = net.sample_drop_path(24)
+        rows = (plan.sample_columns == 0).nonzero().flatten()
+        assert rows.numel() > 0
+        got = {}
+        h = net.blocks[0].columns[2][2].register_forward_hook(lambda m, inp, out: got.update(inp=inp[0]))
+        net(x, plan=plan)
+        h.remove()
+        seen[fill] = bool((got["inp"][rows] == 0).all())   # row 3 of column 2 follows the row-2 join
+    assert seen == {"mean": False, "zero": True}
+
+
+def test_eval_equal_between_modes_and_deterministic():
+    batch_net, sample_net = _net(3, channels=(4, 4)), _sample_net(3, channels=(4, 4))
+    sample_net.load_state_dict(batch_net.state_dict())
+    x = torch.randn(5, 3, 8, 8)
+    batch_net.eval(), sample_net.eval()
+    with torch.no_grad():
+        a, b, c = batch_net(x), sample_net(x), sample_net(x)
+    assert sample_net.last_plan.mode == "none"
+    assert torch.equal(b, c)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_per_sample_training_gradients_and_checkpointing():
+    net = _sample_net(columns=3, channels=(4, 4)).train()
+    x = torch.randn(8, 3, 8, 8)
+    net(x).sum().backward()
+    plan = net.last_plan
+    assert plan.mode == "sample" and plan.batch_size == 8 and int((plan.sample_columns >= 0).sum()) == 4
+    grads = [p.grad for p in net.parameters()]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    assert all(float(g.abs().sum()) > 0 for g in grads)
+    g_ref = [g.clone() for g in grads]
+    net.zero_grad(set_to_none=True)
+    net.set_grad_checkpointing(True)
+    net(x, plan=plan).sum().backward()
+    for a, p in zip(g_ref, net.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-6)
+
+
+def test_column_recalibration_equals_analysis_recalibrate_bn():
+    """The models-layer copy of BN recalibration matches reslab.analysis.bn.recalibrate_bn."""
+    from reslab.analysis.bn import recalibrate_bn
+
+    net = _net(2, channels=(4, 4)).eval()
+    batches = [torch.randn(6, 3, 8, 8) * 2 + 1, (torch.randn(6, 3, 8, 8), torch.zeros(6))]
+    ours = net.extract_column(bn_batches=batches, n_batches=2)
+    ref = recalibrate_bn(net.extract_column(), batches, 2)
+    for a, b in zip(ours.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)

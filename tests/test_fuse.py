@@ -12,7 +12,8 @@ from reslab.models.fuse import count_fusable, fuse_bn
 CASES = [
     ("cifar_resnet", dict(depth=8)),                                  # v1, option A
     ("cifar_resnet", dict(depth=8, shortcut="B")),                    # v1, projection shortcuts
-    ("cifar_preact_resnet", dict(depth=11)),                          # pre-act bottleneck, projections
+    ("cifar_preact_resnet", dict(depth=11)),                          # pre-act bottleneck, bare 1x1 projections
+    ("cifar_preact_resnet", dict(depth=11, shortcut="B")),            # pre-act bottleneck, projections with BN
     ("cifar_preact_resnet", dict(depth=8)),                           # pre-act basic, option A
     ("cifar_wrn", dict(depth=10, widen_factor=2)),                    # WRN: pre-act, 1x1 conv shortcut w/o BN
     ("cifar_resnext", dict(depth=11, cardinality=4, base_width=4)),   # grouped 3x3 convs
@@ -58,7 +59,12 @@ def test_fuse_keeps_preact_bns() -> None:
     assert all(isinstance(u.preact.bn, nn.BatchNorm2d) for u in units)  # BN before the branch stays
     assert isinstance(fused.final_norm.bn, nn.BatchNorm2d)
     assert all(isinstance(u.branch.bn1, nn.Identity) and u.branch.conv1.bias is not None for u in units)
-    assert isinstance(units[0].shortcut.bn, nn.Identity)  # projection shortcut conv+BN fused
+    # The official pre-activation projection is a bare 1x1 conv: nothing to fold there ...
+    assert not hasattr(units[0].shortcut, "bn") and units[0].shortcut.conv.bias is None
+    # ... while the optional projection with BN (shortcut="B") is folded.
+    fused_b = fuse_bn(reslab.create_model("cifar_preact_resnet", depth=11, shortcut="B"))
+    assert isinstance(fused_b.residual_units()[0].shortcut.bn, nn.Identity)
+    assert fused_b.residual_units()[0].shortcut.conv.bias is not None
 
 
 def test_fuse_counts_on_resnet50() -> None:

@@ -289,3 +289,134 @@ def test_entry_point_errors():
         DeepFusionNet(fusion="cross")
     assert set(reslab.list_models("cifar_dmrnet*")) >= {"cifar_dmrnet", "cifar_dmrnet_mr1", "cifar_dmrnet_mr2",
                                                         "cifar_dmrnet_mr3"}
+
+
+# ---- the ImageNet variant (bottleneck branches, ReLU(x1 + x2) head) -------------------------
+from reslab.models.merge_run import IMAGENET_BLOCKS, DMRNetImageNet, StreamSumReLU  # noqa: E402
+
+# Measured with `reslab.create_model("dmrnet", depth=d)` at 1000 classes (docs/architectures.md).
+# The paper's ImageNet parameter count: not stated in the sources we hold.
+IMAGENET_PARAMS = {26: 23_241_000, 29: 25_475_368, 44: 43_338_024, 50: 49_055_528, 101: 87_039_784,
+                   152: 118_327_080}
+
+
+def _tiny_imagenet(**kw) -> DMRNetImageNet:
+    torch.manual_seed(0)
+    return DMRNetImageNet((1, 2, 1, 2), (16, 32, 64, 128), stem_chs=8, num_classes=7, **kw)
+
+
+def _n(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("depth", sorted(IMAGENET_PARAMS))
+def test_imagenet_parameter_counts_and_depth(depth):
+    with torch.device("meta"):
+        model = reslab.create_model("dmrnet", depth=depth)
+    assert model.blocks_per_stage == IMAGENET_BLOCKS[depth]
+    assert model.depth == 3 * sum(model.blocks_per_stage) + 2 == depth  # longest path in weighted layers
+    assert _n(model) == IMAGENET_PARAMS[depth]
+
+
+def test_dmrnet50_is_two_resnet50_streams_sharing_stem_and_fc():
+    """Every bottleneck branch and projection of ResNet-50 appears once per stream; the stem and
+    the classifier once: params = 2 * resnet50 - stem - fc (a shared projection, another mid
+    width or the stride elsewhere would break this)."""
+    with torch.device("meta"):
+        mr, res = reslab.create_model("dmrnet50"), reslab.create_model("resnet50")
+    assert _n(res) == 25_557_032
+    stem, fc = _n(res.stem), _n(res.head)
+    assert _n(mr) == 2 * _n(res) - stem - fc == IMAGENET_PARAMS[50]
+    assert _n(mr.stem) == stem and _n(mr.head) == fc
+    assert [len(s.units) for s in mr.stages] == [3, 4, 6, 3]
+
+
+def test_imagenet_structure_stem_and_strides():
+    model = _tiny_imagenet().eval()
+    units = model.residual_units()
+    assert [u.downsample for u in units] == [True, True, False, True, True, False]
+    assert [u.merge.post_act for u in units] == [True] * 5 + [False]  # only the last block has no ReLU
+    assert not any(u.merge.fuse for u in units)
+    for u, w in zip(units, (16, 32, 32, 64, 128, 128)):
+        for f in (u.branch.f1, u.branch.f2):
+            assert [f.conv1.kernel_size, f.conv2.kernel_size, f.conv3.kernel_size] == [(1, 1), (3, 3), (1, 1)]
+            assert f.conv1.out_channels == f.conv2.out_channels == w // 4 and f.conv3.out_channels == w
+            assert f.conv1.stride == (1, 1) and f.conv2.stride == ((2, 2) if u.downsample and u.stage > 0 else (1, 1))
+        if u.downsample:  # one projection (1x1 conv + BN) per stream, stage 1 at stride 1
+            assert u.shortcut.s1 is not u.shortcut.s2
+            assert u.shortcut.s1.conv.stride == ((1, 1) if u.stage == 0 else (2, 2))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert model.stem(x).x1.shape[-1] == 55                    # fusenet: 3x3/2 max-pool, no padding
+        assert [f.shape[-1] for f in model.forward_stages(x)] == [55, 28, 14, 7]
+        assert _tiny_imagenet(pool_padding=1).stem(x).x1.shape[-1] == 56  # torchvision layout
+    assert isinstance(model.final_norm, StreamSumReLU)
+
+
+def test_imagenet_head_counts_the_skip_twice():
+    model = _tiny_imagenet().eval()
+    randomize_bn(model, seed=5)
+    last = model.residual_units()[-1]
+    x1, x2 = torch.randn(2, 128, 3, 3), torch.randn(2, 128, 3, 3)
+    with torch.no_grad():
+        out = model.final_norm(last(TwoStream(x1, x2)))
+        m = 0.5 * (x1 + x2)
+        f1, f2 = last.branch.f1(x1), last.branch.f2(x2)
+        torch.testing.assert_close(out, F.relu(2 * m + f1 + f2), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out, F.relu(m + f1 + f2), atol=1e-3)  # the CIFAR head differs
+        x = torch.randn(2, 3, 64, 64)
+        h = model.stem(x)
+        for st in model.stages:
+            h = st(h)
+        torch.testing.assert_close(model(x), model.head.fc(F.relu(h.x1 + h.x2).mean((2, 3))), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_bottleneck_unit_reduces_to_a_resnet50_unit():
+    torch.manual_seed(0)
+    res = reslab.create_model("resnet50").eval()
+    ru = res.stages[1].units[0]                                   # 256 -> 512, stride 2, projection
+    randomize_bn(ru, seed=6)
+    mu = merge_run_unit(256, 512, 2, bottleneck=True).eval()
+    for f in (mu.branch.f1, mu.branch.f2):
+        f.load_state_dict(ru.branch.state_dict())
+    for s in (mu.shortcut.s1, mu.shortcut.s2):
+        s.load_state_dict(ru.shortcut.state_dict())
+    x = torch.randn(2, 256, 8, 8)
+    with torch.no_grad():
+        y, ref = mu(TwoStream(x, x)), ru(x)
+    torch.testing.assert_close(ref, F.relu(ru.shortcut(x) + ru.branch(x)), rtol=0, atol=0)
+    torch.testing.assert_close(y.x1, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.x2, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_imagenet_contract_lesion_zero_init_and_errors():
+    model = _tiny_imagenet()
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    model(x).sum().backward()
+    g_ref = [p.grad.clone() for p in model.parameters()]
+    assert all(bool(torch.isfinite(g).all()) for g in g_ref)
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for a, p in zip(g_ref, model.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-5)
+    model.set_grad_checkpointing(False)
+    model.eval()
+    last = model.residual_units()[-1]
+    last.lesioned = True                                         # removed last block: head ReLU(2m)
+    h = torch.randn(2, 128, 2, 2), torch.randn(2, 128, 2, 2)
+    with torch.no_grad():
+        m = 0.5 * (last.shortcut.s1(h[0]) + last.shortcut.s2(h[1])) if last.downsample else 0.5 * (h[0] + h[1])
+        torch.testing.assert_close(model.final_norm(last(TwoStream(*h))), F.relu(2 * m))
+    last.lesioned = False
+    zero = _tiny_imagenet(zero_init_last=True)
+    assert all(not bool(u.branch.f1.bn3.weight.any()) and not bool(u.branch.f2.bn3.weight.any())
+               for u in zero.residual_units())
+    assert reslab.models.default_input_size("dmrnet50") == (3, 224, 224)
+    with pytest.raises(ValueError, match="one of"):
+        reslab.create_model("dmrnet", depth=34)
+    with pytest.raises(ValueError, match="pool_padding"):
+        _tiny_imagenet(pool_padding=2)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        DMRNetImageNet((1,), (18,))

@@ -192,8 +192,8 @@ def test_branch_form_and_bad_requests():
 
 # ---- model level ------------------------------------------------------------------------------
 def _tiny_resnext(preact: bool = False) -> nn.Module:
-    if preact:  # 11 = 9n + 2: bottleneck pre-activation ResNet (no bn3; C = 1)
-        m = reslab.create_model("cifar_preact_resnet", depth=11)
+    if preact:  # 11 = 9n + 2: bottleneck pre-activation ResNet (no bn3; C = 1), stride on the 3x3
+        m = reslab.create_model("cifar_preact_resnet", depth=11, stride_on="3x3")
     else:  # ResNeXt-11, 4 x 2d
         m = reslab.create_model("cifar_resnext", depth=11, cardinality=4, base_width=2)
     return _randomize(m, seed=11)
@@ -219,6 +219,12 @@ def test_convert_resnext_model_is_equivalent_and_reversible(preact):
     m = convert_resnext(convert_resnext(copy.deepcopy(model), "a"), "c")
     m.load_state_dict(ref_state, strict=True)
     assert _state_equal(m, model)
+
+
+def test_convert_resnext_rejects_stride_on_the_first_1x1():
+    # the official CIFAR pre-activation bottleneck strides its first 1x1: not one of the forms
+    with pytest.raises(ValueError, match="stride of a ResNeXt branch must sit on its 3x3"):
+        convert_resnext(reslab.create_model("cifar_preact_resnet", depth=11), "a")
 
 
 def test_convert_resnext_rejects_models_without_bottlenecks():

@@ -33,7 +33,7 @@ import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -337,7 +337,8 @@ def _single_sweep_cached(model: nn.Module, batches: Sequence[Batch], eligible: l
 
 def single_unit_lesion(model: nn.Module, batches: Iterable[Any], *, bn: str = "frozen",
                        calib_batches: Iterable[Any] | None = None, n_calib: int = 20, cached: bool = True,
-                       label: str = "model") -> list[dict[str, Any]]:
+                       label: str = "model", progress: Callable[[int, int], None] | None = None
+                       ) -> list[dict[str, Any]]:
     """Error of the network with each single unit's branch removed (Veit et al. 2016 §4.1).
 
     Returns one row per (protocol, unit) plus a baseline row (``unit = -1``) per protocol:
@@ -345,7 +346,8 @@ def single_unit_lesion(model: nn.Module, batches: Iterable[Any], *, bn: str = "f
     error - baseline error). Ineligible units (downsampling units of plain networks) get
     ``error = None``. ``cached=True`` uses prefix caching for the frozen protocol (the
     errors are identical to the naive sweep on the CPU, where every forward repeats the same
-    kernels; see :func:`_single_sweep_cached`).
+    kernels; see :func:`_single_sweep_cached`). ``progress(done, total)``, if given, is called
+    as the networks are evaluated (the caller prints).
     """
     batches = as_batch_list(batches)
     protocols = check_bn(bn, calib_batches)
@@ -356,6 +358,9 @@ def single_unit_lesion(model: nn.Module, batches: Iterable[Any], *, bn: str = "f
     eligible = [i for i, u in enumerate(units) if lesion_eligible(u)]
     total = sum(int(y.numel()) for _, y in batches)
     rows: list[dict[str, Any]] = []
+    n_work, done = len(protocols) * (1 + len(eligible)), 0
+    if progress is not None:
+        progress(0, n_work)
     for proto in protocols:
         use_cache = proto == "frozen" and cached
         if use_cache:
@@ -365,15 +370,24 @@ def single_unit_lesion(model: nn.Module, batches: Iterable[Any], *, bn: str = "f
                     base_c, corr = _single_sweep_cached(model, batches, eligible)
                 base = 1.0 - base_c / total
                 errs = {i: 1.0 - c / total for i, c in corr.items()}
+                done += 1 + len(eligible)
+                if progress is not None:
+                    progress(done, n_work)
             except NotImplementedError as e:
                 warnings.warn(f"{e}; falling back to the naive sweep", stacklevel=2)
                 use_cache = False
         if not use_cache:
             base = error_rate(model, batches, proto, calib, n_calib)
             errs = {}
+            done += 1
+            if progress is not None:
+                progress(done, n_work)
             for i in eligible:
                 with lesioned(model, [i]):
                     errs[i] = error_rate(model, batches, proto, calib, n_calib)
+                done += 1
+                if progress is not None:
+                    progress(done, n_work)
         rows.append(dict(model=label, bn=proto, unit=-1, stage=None, index=None, downsample=None, plain=None,
                          eligible=True, error=base, delta=0.0))
         for i, u in enumerate(units):
@@ -394,13 +408,14 @@ def k_lesion_eligible(model: nn.Module, include_downsample: bool = False) -> lis
 
 def k_unit_lesion(model: nn.Module, batches: Iterable[Any], ks: Sequence[int] | None = None, repeats: int = 10, *,
                   bn: str = "frozen", calib_batches: Iterable[Any] | None = None, n_calib: int = 20, seed: int = 0,
-                  include_downsample: bool = False, label: str = "model") -> list[dict[str, Any]]:
+                  include_downsample: bool = False, label: str = "model",
+                  progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Error with ``k`` randomly chosen units removed, ``repeats`` draws per k (Veit et al. 2016 §4.2).
 
     ``ks`` defaults to every k from 0 to the number of eligible units (see
     :func:`k_lesion_eligible`). The same random subsets are used for every BN protocol.
     Rows: ``model, bn, k, repeat, units (space-separated), error``; k = 0 is the baseline
-    (one row).
+    (one row). ``progress(done, total)``, if given, is called after each lesioned network.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -421,11 +436,15 @@ def k_unit_lesion(model: nn.Module, batches: Iterable[Any], ks: Sequence[int] | 
             pick = torch.randperm(len(cand), generator=g)[:k].tolist()
             draws.append((k, r, sorted(cand[p] for p in pick)))
     rows = []
+    if progress is not None:
+        progress(0, len(protocols) * len(draws))
     for proto in protocols:
         for k, r, subset in draws:
             with lesioned(model, subset):
                 err = error_rate(model, batches, proto, calib, n_calib)
             rows.append(dict(model=label, bn=proto, k=k, repeat=r, units=" ".join(map(str, subset)), error=err))
+            if progress is not None:
+                progress(len(rows), len(protocols) * len(draws))
     return rows
 
 
@@ -455,12 +474,13 @@ def summarize(rows: Sequence[dict[str, Any]], by: str, value: str = "error") -> 
 # ---- reordering ------------------------------------------------------------------------------
 def reorder_study(model: nn.Module, batches: Iterable[Any], swaps: Sequence[int] | None = None, repeats: int = 10, *,
                   bn: str = "frozen", calib_batches: Iterable[Any] | None = None, n_calib: int = 20, seed: int = 0,
-                  label: str = "model") -> list[dict[str, Any]]:
+                  label: str = "model", progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Error after ``s`` random swaps of equal-shape units, ``repeats`` draws per s
     (Veit et al. 2016 §4.3), with Kendall's tau of each order against the original.
 
     ``swaps`` defaults to 0, 1, 2, 4, ... up to the number of reorderable units.
-    Rows: ``model, bn, swaps, repeat, tau, perm, error``.
+    Rows: ``model, bn, swaps, repeat, tau, perm, error``. ``progress(done, total)``, if given, is
+    called after each reordered network.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -478,12 +498,16 @@ def reorder_study(model: nn.Module, batches: Iterable[Any], swaps: Sequence[int]
         for r in range(1 if s == 0 else repeats):
             draws.append((int(s), r, random_swaps(model, int(s), g)))
     rows = []
+    if progress is not None:
+        progress(0, len(protocols) * len(draws))
     for proto in protocols:
         for s, r, perm in draws:
             with reordered(model, perm):
                 err = error_rate(model, batches, proto, calib, n_calib)
             rows.append(dict(model=label, bn=proto, swaps=s, repeat=r, tau=kendall_tau(perm),
                              perm=" ".join(map(str, perm)), error=err))
+            if progress is not None:
+                progress(len(rows), len(protocols) * len(draws))
     return rows
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -240,7 +240,7 @@ def _interp_log(ks: list[int], vals: list[float], grid: list[int]) -> list[float
 
 def gradient_per_path_length(model: nn.Module, batches: Iterable[Any], ks: Sequence[int] | None = None,
                              samples: int = 20, *, at: str = "unit", bn: str = "eval", seed: int = 0,
-                             mass: float = 0.9) -> PathResult:
+                             mass: float = 0.9, progress: Callable[[int, int], None] | None = None) -> PathResult:
     """Gradient magnitude at the input for paths of each length (Veit et al. 2016 Fig. 6).
 
     For each k in ``ks`` (numbers of routable units sent through their branch; default all
@@ -251,6 +251,7 @@ def gradient_per_path_length(model: nn.Module, batches: Iterable[Any], ks: Seque
     Lengths in the result count plain units too (length = k + number of plain units).
     ``effective_range`` is computed on all lengths; when ``ks`` skips some, the magnitudes
     in between are interpolated log-linearly (``interpolated=True``), within the measured span.
+    ``progress(done, total)``, if given, is called after each measured length (the caller prints).
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -265,6 +266,8 @@ def gradient_per_path_length(model: nn.Module, batches: Iterable[Any], ks: Seque
             raise ValueError(f"k={k} is out of range: the network has {m} units with a shortcut (0..{m})")
     g = torch.Generator().manual_seed(seed)
     rows = []
+    if progress is not None:
+        progress(0, len(ks))
     with measurement_mode(model, bn):
         for k in ks:
             norms: list[torch.Tensor] = []
@@ -282,6 +285,8 @@ def gradient_per_path_length(model: nn.Module, batches: Iterable[Any], ks: Seque
             rows.append(dict(length=k + n_fixed, k_routable=k, paths=math.comb(m, k), fraction=math.comb(m, k) / 2**m,
                              grad_mean=mean, grad_std=std, grad_sem=sem, samples=samples,
                              measurements=int(allv.numel()), total=mean * math.comb(m, k)))
+            if progress is not None:
+                progress(len(rows), len(ks))
     tot = sum(r["total"] for r in rows)
     for r in rows:
         r["total_fraction"] = r["total"] / tot if tot > 0 else float("nan")

@@ -1,33 +1,43 @@
-"""Figures of the lesion and path-length analyses (matplotlib, Agg backend, PNG files).
+"""Figures of the lesion and path-length analyses (matplotlib's Agg canvas, PNG files).
 
 Layouts follow Veit et al. 2016: single-unit lesion (error per deleted unit, Fig. 3),
 k-unit lesion (error vs number of deleted units, Fig. 5a), reordering (error vs Kendall's
 tau, Fig. 5b) and the path-length figure (Fig. 6 a, b, c). Every curve is labelled with the
-network and the BatchNorm protocol.
+network and the BatchNorm protocol; what was not measured is left as a gap (NaN breaks the
+line); error bands are clipped to [0, 100]%; legends sit outside the axes; every error bar
+or band is named in the legend.
+
+Each ``*_figure`` function returns the :class:`matplotlib.figure.Figure` (for tests and
+notebooks); each ``plot_*`` function draws it and writes the PNG.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Sequence
 
 from reslab.analysis.lesion import summarize
 from reslab.analysis.paths import path_length_distribution
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+NAN = float("nan")
+# Error axis of the lesion plots: linear below 1%, logarithmic above, so that an intact
+# network at 0.5% error and a broken one at 90% are both readable.
+ERROR_TICKS = (0, 0.5, 1, 2, 5, 10, 20, 50, 100)
 
 
-def _save(fig: Any, path: str | os.PathLike) -> str:
+def _figure(size: tuple[float, float]) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> str:
+    """Write ``fig`` as PNG (the folder is created); returns the path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
+    fig.savefig(path, format="png")
     return str(path)
 
 
@@ -40,98 +50,181 @@ def _curves(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     return seen
 
 
-def plot_single_lesion(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> str:
-    """Test error with each single unit deleted; dashed line: the intact network; downsampling
-    units are marked with an open square; ineligible units are left out."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
+def error_axis(ax: Any, label: str = "test error") -> None:
+    """A 0-100% error axis, linear below 1% and logarithmic above (``ERROR_TICKS``)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    ax.set_yscale("symlog", linthresh=1.0, linscale=0.6)
+    ax.set_ylim(0, 100)
+    ax.yaxis.set_major_locator(FixedLocator(ERROR_TICKS))
+    ax.yaxis.set_minor_locator(FixedLocator([]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_ylabel(f"{label} (%; log scale above 1%)")
+    ax.grid(alpha=0.3, which="major")
+
+
+def _legend_outside(ax: Any, **kw: Any) -> Any:
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, **kw)
+
+
+def _pct_clip(v: float) -> float:
+    return min(100.0, max(0.0, v))
+
+
+# ---- single-unit lesion --------------------------------------------------------------------------
+def single_lesion_figure(rows: Sequence[dict[str, Any]], title: str | None = None) -> Any:
+    """Test error with each single unit deleted, one curve per (network, BN protocol).
+
+    Units that could not be deleted (downsampling units of a plain network) are gaps in the
+    curve (NaN) and crosses at the bottom of the axes; downsampling units are open squares;
+    the intact network's error is a dashed line of the curve's colour, in the legend."""
+    fig = _figure((9, 4.2))
+    ax = fig.add_subplot()
+    not_measured_done = down_done = False
     for j, (m, b) in enumerate(_curves(rows)):
         sel = [r for r in rows if r["model"] == m and r["bn"] == b]
         base = next(r["error"] for r in sel if r["unit"] == -1)
-        pts = [r for r in sel if r["unit"] != -1 and r["error"] is not None]
+        units = sorted((r for r in sel if r["unit"] != -1), key=lambda r: r["unit"])
         color = f"C{j}"
-        ax.plot([r["unit"] for r in pts], [100 * r["error"] for r in pts], "o-", ms=3, color=color,
-                label=f"{m} ({b} BN)")
-        ds = [r for r in pts if r["downsample"]]
+        xs = [r["unit"] for r in units]
+        ys = [NAN if r["error"] is None else 100 * r["error"] for r in units]
+        ax.plot(xs, ys, "o-", ms=3.5, color=color, label=f"{m} ({b} BN), one unit deleted")
+        ds = [r for r in units if r["downsample"] and r["error"] is not None]
         if ds:
-            ax.plot([r["unit"] for r in ds], [100 * r["error"] for r in ds], "s", ms=8, mfc="none", color=color)
-        ax.axhline(100 * base, ls="--", lw=1, color=color)
-    ax.set_xlabel("deleted unit (open squares: downsampling)")
-    ax.set_ylabel("test error (%)")
-    ax.set_title(title or "Single-unit lesion (dashed: intact network)")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+            ax.plot([r["unit"] for r in ds], [100 * r["error"] for r in ds], "s", ms=8, mfc="none", color=color,
+                    label=None if down_done else "downsampling unit")
+            down_done = True
+        ax.axhline(100 * base, ls=(0, (5, 3)), lw=1.6, color=color, label=f"{m} ({b} BN), intact: {100 * base:.2f}%")
+        missing = [r["unit"] for r in units if r["error"] is None]
+        if missing:
+            ax.plot(missing, [0.02] * len(missing), "x", ms=7, mew=1.5, color=color, ls="none",
+                    transform=ax.get_xaxis_transform(), clip_on=False,
+                    label=None if not_measured_done else "not deletable (not measured)")
+            not_measured_done = True
+    error_axis(ax)
+    if rows:
+        n = 1 + max(r["unit"] for r in rows)
+        ax.set_xticks(range(n))
+        ax.set_xlim(-0.5, n - 0.5)
+    ax.set_xlabel("deleted unit (0-based index, input to output)")
+    ax.set_title(title or "Deleting one residual unit at test time")
+    _legend_outside(ax)
+    return fig
 
 
-def plot_k_lesion(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> str:
-    """Mean test error (band: +- one std over the random draws) vs the number of deleted units."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+def plot_single_lesion(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> str:
+    """:func:`single_lesion_figure` written to ``path`` (PNG)."""
+    return save_figure(single_lesion_figure(rows, title), path)
+
+
+# ---- k-unit lesion ---------------------------------------------------------------------------------
+def k_lesion_figure(rows: Sequence[dict[str, Any]], title: str | None = None) -> Any:
+    """Mean test error vs the number k of deleted units; band: mean ± one (population) std
+    over the random draws of each k, clipped to [0, 100]%."""
+    fig = _figure((8, 4.2))
+    ax = fig.add_subplot()
     summ = summarize(rows, "k")
+    draws = max((r["n"] for r in summ), default=0)
     for j, (m, b) in enumerate(_curves(rows)):
         s = sorted((r for r in summ if r["model"] == m and r["bn"] == b), key=lambda r: r["k"])
         k = [r["k"] for r in s]
         mu = [100 * r["mean"] for r in s]
         sd = [100 * r["std"] for r in s]
-        ax.plot(k, mu, "o-", ms=3, color=f"C{j}", label=f"{m} ({b} BN)")
-        ax.fill_between(k, [a - c for a, c in zip(mu, sd)], [a + c for a, c in zip(mu, sd)], color=f"C{j}", alpha=0.2)
-    ax.set_xlabel("number of deleted units k")
+        ax.plot(k, mu, "o-", ms=3.5, color=f"C{j}", label=f"{m} ({b} BN), mean")
+        ax.fill_between(k, [_pct_clip(a - c) for a, c in zip(mu, sd)], [_pct_clip(a + c) for a, c in zip(mu, sd)],
+                        color=f"C{j}", alpha=0.2, lw=0, label=f"{m} ({b} BN), ± 1 std")
+    ax.set_ylim(0, 100)
     ax.set_ylabel("test error (%)")
-    ax.set_title(title or "Deleting k random units")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("number of deleted units k (k = 0: intact)")
+    ax.set_title(title or f"Deleting k random units (band: ± 1 std over {draws} draws per k, within [0, 100]%)",
+                 fontsize=10)
+    _legend_outside(ax)
+    return fig
+
+
+def plot_k_lesion(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> str:
+    """:func:`k_lesion_figure` written to ``path`` (PNG)."""
+    return save_figure(k_lesion_figure(rows, title), path)
+
+
+# ---- reordering --------------------------------------------------------------------------------------
+def reorder_figure(rows: Sequence[dict[str, Any]], title: str | None = None) -> Any:
+    """Mean test error vs mean Kendall's tau for each number of swaps (x axis decreasing);
+    error bars: ± one std over the draws, clipped to [0, 100]%."""
+    fig = _figure((8, 4.2))
+    ax = fig.add_subplot()
+    summ = summarize(rows, "swaps")
+    draws = max((r["n"] for r in summ), default=0)
+    for j, (m, b) in enumerate(_curves(rows)):
+        s = sorted((r for r in summ if r["model"] == m and r["bn"] == b), key=lambda r: -r["tau_mean"])
+        mu = [100 * r["mean"] for r in s]
+        sd = [100 * r["std"] for r in s]
+        lo = [a - _pct_clip(a - c) for a, c in zip(mu, sd)]
+        hi = [_pct_clip(a + c) - a for a, c in zip(mu, sd)]
+        ax.errorbar([r["tau_mean"] for r in s], mu, yerr=[lo, hi], fmt="o-", ms=3.5, capsize=2, color=f"C{j}",
+                    label=f"{m} ({b} BN), mean ± 1 std")
+    ax.invert_xaxis()
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("Kendall's tau (original order = 1)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(title or f"Reordering units (error bars: ± 1 std over {draws} draws per swap count)", fontsize=10)
+    _legend_outside(ax)
+    return fig
 
 
 def plot_reorder(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> str:
-    """Mean test error vs mean Kendall's tau for each number of swaps (x axis decreasing)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    summ = summarize(rows, "swaps")
-    for j, (m, b) in enumerate(_curves(rows)):
-        s = sorted((r for r in summ if r["model"] == m and r["bn"] == b), key=lambda r: -r["tau_mean"])
-        ax.errorbar([r["tau_mean"] for r in s], [100 * r["mean"] for r in s], yerr=[100 * r["std"] for r in s],
-                    fmt="o-", ms=3, capsize=2, color=f"C{j}", label=f"{m} ({b} BN)")
-    ax.invert_xaxis()
-    ax.set_xlabel("Kendall's tau (original order = 1)")
-    ax.set_ylabel("test error (%)")
-    ax.set_title(title or "Reordering units")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    """:func:`reorder_figure` written to ``path`` (PNG)."""
+    return save_figure(reorder_figure(rows, title), path)
 
 
-def plot_paths(results: dict[str, Any], path: str | os.PathLike, title: str | None = None) -> str:
-    """Veit et al. Fig. 6: (a) number of paths per length, (b) gradient magnitude at the input
-    per path length (log scale), (c) total gradient magnitude per length (magnitude x paths).
+# ---- path lengths ------------------------------------------------------------------------------------
+def paths_figure(results: dict[str, Any], title: str | None = None) -> Any:
+    """Veit et al. Fig. 6: (a) number of paths per length (bars: the distribution is
+    discrete), (b) gradient magnitude at the input per path length (log scale; error bars:
+    ± the standard error of the mean over the (batch, subset) samples), (c) total gradient
+    magnitude per length (magnitude x number of paths), shaded: the effective range.
     ``results`` maps a label to a :class:`~reslab.analysis.paths.PathResult`."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig = _figure((15, 4.8))
+    axes = fig.subplots(1, 3)
+    n_curves = max(1, len(results))
+    width = 0.8 / n_curves
     for j, (label, res) in enumerate(results.items()):
         c = f"C{j}"
         rows = res.rows
         L = [r["length"] for r in rows]
         dist = path_length_distribution(res.n_routable)
-        axes[0].plot([d["length"] + res.n_fixed for d in dist], [d["paths"] for d in dist], "-", color=c, label=label)
-        axes[1].errorbar(L, [r["grad_mean"] for r in rows], yerr=[r["grad_sem"] if r["grad_sem"] == r["grad_sem"]
-                                                                  else 0.0 for r in rows],
-                         fmt="o-", ms=3, capsize=2, color=c, label=label)
-        axes[2].plot(L, [r["total"] for r in rows], "o-", ms=3, color=c, label=label)
+        off = (j - (n_curves - 1) / 2) * width
+        axes[0].bar([d["length"] + res.n_fixed + off for d in dist], [d["paths"] for d in dist], width=width,
+                    color=c, alpha=0.8, label=label)
+        sem = [r["grad_sem"] if not math.isnan(r["grad_sem"]) else 0.0 for r in rows]
+        bar_name = (f"mean ± s.e.m. over {res.samples} samples" if res.samples > 1
+                    else "1 sample per length: no error bar")
+        axes[1].errorbar(L, [r["grad_mean"] for r in rows], yerr=sem, fmt="o-", ms=3.5, capsize=2, color=c,
+                         label=f"{label}: {bar_name}")
+        axes[2].plot(L, [r["total"] for r in rows], "o-", ms=3.5, color=c, label=label)
         if res.effective_range is not None:
             lo, hi = res.effective_range
-            axes[2].axvspan(lo - 0.5, hi + 0.5, color=c, alpha=0.12)
-    axes[0].set_title("(a) distribution of path length")
-    axes[0].set_xlabel("path length")
-    axes[0].set_ylabel("number of paths")
-    first = next(iter(results.values()))
-    where = "first unit's input" if first.at == "unit" else "image"
-    axes[1].set_title(f"(b) gradient magnitude per path ({where}, {first.bn} BN)")
-    axes[1].set_xlabel("path length")
-    axes[1].set_ylabel("gradient norm at input")
-    axes[1].set_yscale("log")
-    axes[2].set_title(f"(c) total gradient per length (shaded: {first.effective_mass:.0%} of it)")
-    axes[2].set_xlabel("path length")
-    axes[2].set_ylabel("total gradient magnitude")
+            axes[2].axvspan(lo - 0.5, hi + 0.5, color=c, alpha=0.12,
+                            label=f"{label}: {res.effective_mass:.0%} of the total (lengths {lo}-{hi})")
+    first = next(iter(results.values()), None)
+    where = "first unit's input" if first is None or first.at == "unit" else "image"
+    bn = "eval" if first is None else first.bn
+    axes[0].set(title="(a) number of paths per length", xlabel="path length", ylabel="number of paths")
+    axes[1].set(title=f"(b) gradient magnitude per path\n(at the {where}, {bn}-mode BN)", xlabel="path length",
+                ylabel="gradient norm at input", yscale="log")
+    axes[2].set(title="(c) total gradient per length\n(magnitude x number of paths)", xlabel="path length",
+                ylabel="total gradient magnitude")
     for ax in axes:
-        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.title.set_fontsize(10)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), borderaxespad=0.0)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return fig
+
+
+def plot_paths(results: dict[str, Any], path: str | os.PathLike, title: str | None = None) -> str:
+    """:func:`paths_figure` written to ``path`` (PNG)."""
+    return save_figure(paths_figure(results, title), path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch.nn as nn
 
@@ -20,6 +20,15 @@ from reslab.analysis.lesion import (as_batch_list, check_bn, compare_lesions, k_
 from reslab.analysis.paths import PathResult, central_range, gradient_per_path_length
 
 LESION_FILES = {"single": "lesion_single", "k": "lesion_k", "reorder": "lesion_reorder"}
+# progress(phase, done, total): called by the experiments below as they go (the caller prints;
+# reslab.report.progress.PhaseProgress.update is one).
+Progress = Callable[[str, int, int], None]
+
+
+def _tick(progress: Progress | None, phase: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(phase, done, total)
 
 
 def _summary_single(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -44,15 +53,20 @@ def _summary_single(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run_lesion_experiment(models: dict[str, nn.Module], batches: Iterable[Any] | dict[str, Iterable[Any]],
                           mode: str = "single", out_dir: str | os.PathLike | None = None, *, bn: str = "frozen",
-                          calib_batches: Any = None, **kwargs: Any) -> dict[str, Any]:
+                          calib_batches: Any = None, progress: Progress | None = None, **kwargs: Any
+                          ) -> dict[str, Any]:
     """One lesion experiment on several networks; writes ``lesion_<mode>.csv`` and ``.png`` to
-    ``out_dir`` (when given) and returns ``{"rows", "summary", "files"}``."""
+    ``out_dir`` (when given) and returns ``{"rows", "summary", "files"}``. ``progress(phase,
+    done, total)`` is called per network as it goes (phase ``"lesion <mode>: <label>"``)."""
     if isinstance(calib_batches, dict):
         for label in models:
             check_bn(bn, calib_batches.get(label))
     else:
         check_bn(bn, calib_batches)
-    rows = compare_lesions(models, batches, mode, bn=bn, calib_batches=calib_batches, **kwargs)
+    rows = []
+    for label, m in models.items():
+        rows += compare_lesions({label: m}, batches, mode, bn=bn, calib_batches=calib_batches,
+                                progress=_tick(progress, f"lesion {mode}: {label}"), **kwargs)
     if mode == "single":
         summary: Any = _summary_single(rows)
     else:
@@ -67,15 +81,17 @@ def run_lesion_experiment(models: dict[str, nn.Module], batches: Iterable[Any] |
 
 
 def run_paths_experiment(models: dict[str, nn.Module], batches: Iterable[Any] | dict[str, Iterable[Any]],
-                         out_dir: str | os.PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
+                         out_dir: str | os.PathLike | None = None, progress: Progress | None = None,
+                         **kwargs: Any) -> dict[str, Any]:
     """Path-length analysis of several networks; writes ``paths.csv`` (one row per network and
     length), ``paths.png`` (Fig. 6 a-c) and ``paths_summary.json``; returns
-    ``{"results": {label: PathResult}, "summary": {label: dict}, "files"}``."""
+    ``{"results": {label: PathResult}, "summary": {label: dict}, "files"}``. ``progress(phase,
+    done, total)`` is called per measured length (phase ``"paths: <label>"``)."""
     shared = None if isinstance(batches, dict) else as_batch_list(batches)
     results: dict[str, PathResult] = {}
     for label, m in models.items():
         ev = batches[label] if shared is None else shared
-        results[label] = gradient_per_path_length(m, ev, **kwargs)
+        results[label] = gradient_per_path_length(m, ev, progress=_tick(progress, f"paths: {label}"), **kwargs)
     summary = {label: r.summary() for label, r in results.items()}
     files: dict[str, str] = {}
     if out_dir is not None:
@@ -123,16 +139,20 @@ def _k_table(summary: list[dict[str, Any]]) -> list[str]:
 
 
 def _lesion_body(models: dict[str, nn.Module], batches: list, out_dir: str | os.PathLike, *,
-                 calib: list | None, ks: Sequence[int] | None, repeats: int, seed: int,
-                 n_calib: int) -> tuple[str, list[tuple[str, str]]]:
+                 calib: list | None, ks: Sequence[int] | None, repeats: int, seed: int, n_calib: int,
+                 progress: Progress | None = None, results: dict[str, Any] | None = None
+                 ) -> tuple[str, list[tuple[str, str]]]:
     bn = "both" if calib is not None else "frozen"
-    single = run_lesion_experiment(models, batches, "single", out_dir, bn=bn, calib_batches=calib, n_calib=n_calib)
+    single = run_lesion_experiment(models, batches, "single", out_dir, bn=bn, calib_batches=calib, n_calib=n_calib,
+                                   progress=progress)
     n_elig = min(len(k_lesion_eligible(m)) for m in models.values())
     if ks is None:
         step = max(1, n_elig // 8)
         ks = sorted(set(list(range(0, n_elig + 1, step)) + [n_elig]))
     kres = run_lesion_experiment(models, batches, "k", out_dir, bn=bn, calib_batches=calib, n_calib=n_calib,
-                                 ks=ks, repeats=repeats, seed=seed)
+                                 ks=ks, repeats=repeats, seed=seed, progress=progress)
+    if results is not None:
+        results.update(single=single["summary"], k=kres["summary"], n_images=sum(int(y.numel()) for _, y in batches))
     n_img = sum(int(y.numel()) for _, y in batches)
     body = "\n".join([
         f"Residual branches deleted at test time (Veit et al. 2016), {n_img} evaluation images. BN protocol "
@@ -144,14 +164,19 @@ def _lesion_body(models: dict[str, nn.Module], batches: list, out_dir: str | os.
         *_k_table(kres["summary"]), "",
         f"Data: `{os.path.basename(single['files']['csv'])}`, `{os.path.basename(kres['files']['csv'])}`."])
     figs = [(os.path.basename(single["files"]["png"]),
-             "Error with one unit deleted (dashed: intact network; squares: downsampling units)."),
-            (os.path.basename(kres["files"]["png"]), "Error with k random units deleted (band: ± one std).")]
+             "Error with one unit deleted, one point per deleted unit (dashed: the intact network; open squares: "
+             "downsampling units; crosses and gaps in a curve: units that cannot be deleted, not measured). "
+             "Error axis linear below 1%, logarithmic above."),
+            (os.path.basename(kres["files"]["png"]),
+             f"Error with k random units deleted: mean over {repeats} random draws per k (k = 0: the intact network, "
+             "one evaluation); band: ± one standard deviation over the draws, clipped to [0, 100]%.")]
     return body, figs
 
 
 def _paths_body(model: nn.Module, batches: list, out_dir: str | os.PathLike, *, label: str, samples: int, at: str,
-                bn: str, seed: int, mass: float) -> tuple[str, list[tuple[str, str]]]:
-    res = run_paths_experiment({label: model}, batches, out_dir, samples=samples, at=at, bn=bn, seed=seed, mass=mass)
+                bn: str, seed: int, mass: float, progress: Progress | None = None) -> tuple[str, list[tuple[str, str]]]:
+    res = run_paths_experiment({label: model}, batches, out_dir, samples=samples, at=at, bn=bn, seed=seed, mass=mass,
+                               progress=progress)
     s = res["summary"][label]
     r: PathResult = res["results"][label]
     lo, hi = central_range(r.n_routable, 0.95)
@@ -171,8 +196,12 @@ def _paths_body(model: nn.Module, batches: list, out_dir: str | os.PathLike, *, 
         f"{r.rows[-1]['grad_mean']:.3g} at length {r.rows[-1]['length']};",
         f"* total gradient (magnitude x number of paths) peaks at length {peak['length']};", eff_line, "",
         f"Data: `{os.path.basename(res['files']['csv'])}`."])
+    sem = (f"error bars: mean ± standard error of the mean over the {samples} (batch, subset) samples per length"
+           if samples > 1 else "one sample per length, so no error bars")
     figs = [(os.path.basename(res["files"]["png"]),
-             "(a) paths per length, (b) gradient magnitude per path, (c) total gradient per length.")]
+             f"(a) number of paths per length (bars: the exact Binomial({r.n_routable}, 1/2) counts); (b) gradient "
+             f"magnitude per path, {sem}; (c) total gradient per length (magnitude x number of paths), shaded: the "
+             f"shortest range of lengths carrying {mass:.0%} of it.")]
     return body, figs
 
 
@@ -216,6 +245,7 @@ def paths_section(model: nn.Module, batches: Iterable[Any], out_dir: str | os.Pa
 
 
 # ---- adapters for reslab demo (reslab.report.demo.default_sections) ------------------------------
+DEMO_CALIB_BATCHES = 4  # BN recalibration: 4 x 128 training images per lesioned network
 def _demo_batches(data: Any, batch_size: int = 128) -> list:
     from reslab.data import EvalTransform, eval_batches
 
@@ -234,9 +264,13 @@ def demo_lesion_section(ctx: Any) -> Any:
     from reslab.report.markdown import ReportSection
 
     models, _ = _demo_models(ctx)
-    calib = _demo_batches(ctx.train_set)[:10]
+    calib = _demo_batches(ctx.train_set.subset(DEMO_CALIB_BATCHES * 128, seed=1))[:DEMO_CALIB_BATCHES]
+    results: dict[str, Any] = {}
     body, figs = _lesion_body(models, _demo_batches(ctx.eval_set), ctx.out_dir, calib=calib, ks=None, repeats=5,
-                              seed=0, n_calib=10)
+                              seed=0, n_calib=DEMO_CALIB_BATCHES, progress=getattr(ctx, "progress", None),
+                              results=results)
+    if isinstance(getattr(ctx, "extras", None), dict):
+        ctx.extras["lesion"] = results  # the report's first paragraph quotes these numbers
     return ReportSection(LESION_TITLE, body, figs)
 
 
@@ -249,7 +283,7 @@ def demo_paths_section(ctx: Any) -> Any:
     if residual is None:
         return None
     body, figs = _paths_body(models[residual], _demo_batches(ctx.eval_set, 32), ctx.out_dir, label=residual,
-                             samples=8, at="unit", bn="eval", seed=0, mass=0.9)
+                             samples=8, at="unit", bn="eval", seed=0, mass=0.9, progress=getattr(ctx, "progress", None))
     return ReportSection(PATHS_TITLE, body, figs)
 
 

@@ -9,7 +9,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("eval", help="evaluate a run's best/last checkpoint or a .safetensors file",
                               description="Rebuild the model from the checkpoint's metadata and evaluate it on "
                                           "the run's evaluation set (from the config stored in the checkpoint).")
-    p.add_argument("path", help="run directory or checkpoint (.safetensors)")
+    p.add_argument("path", help="run directory, checkpoint (.safetensors) or pretrained MODEL:TAG")
     p.add_argument("--which", choices=("best", "last"), default="best", help="for a run directory (default best)")
     p.add_argument("--data-dir", help="where the data lives, if not where the run had it")
     p.add_argument("--tta", choices=("none", "flip"), help="test-time augmentation (default: the run's eval.tta)")

@@ -26,8 +26,11 @@ def _int_list(text: str) -> list[int]:
 
 
 def default_out(target: str) -> str:
-    """``RUN_DIR/analysis`` for a run directory; ``<checkpoint folder>/analysis`` for a file."""
+    """``RUN_DIR/analysis`` for a run directory; ``<checkpoint folder>/analysis`` for a file;
+    ``analysis/MODEL.TAG`` (in the current folder) for pretrained weights ``MODEL:TAG``."""
     p = os.path.abspath(target)
+    if not os.path.exists(p):  # a MODEL:TAG target (the loader has resolved it already)
+        return os.path.join("analysis", target.replace(":", "."))
     if os.path.isfile(p):
         folder = os.path.dirname(p)
         if os.path.basename(folder) == "checkpoints":
@@ -45,6 +48,15 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default 0)")
     p.add_argument("--out", help="output directory (default: FIRST_TARGET/analysis)")
     p.add_argument("--json", action="store_true", help="print one JSON object (summary and file paths)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress on stderr (default: a bar per phase on a terminal, a line per phase otherwise)")
+
+
+def make_progress(args: argparse.Namespace):
+    """The command's progress reporter on stderr (see ``reslab.report.progress``)."""
+    from reslab.report.progress import PhaseProgress
+
+    return PhaseProgress(enabled=not getattr(args, "no_progress", False))
 
 
 def labels_for(args: argparse.Namespace) -> list[str | None]:
@@ -64,7 +76,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "reorder). BN protocols: frozen running statistics (the paper's, default) and/or statistics "
                     "recalibrated on training images for each lesioned network. Several targets are compared "
                     "side by side.")
-    p.add_argument("targets", nargs="+", metavar="RUN_DIR|CHECKPOINT", help="one or more runs or checkpoints")
+    p.add_argument("targets", nargs="+", metavar="RUN_DIR|CHECKPOINT|MODEL:TAG",
+                   help="one or more runs, checkpoints or pretrained MODEL:TAG")
     p.add_argument("--mode", choices=("single", "k", "reorder"), default="single", help="experiment (default single)")
     p.add_argument("--bn", choices=("frozen", "recalibrated", "both"), default="frozen",
                    help="BatchNorm protocol (default frozen = the paper's)")
@@ -108,8 +121,9 @@ def run(args: argparse.Namespace) -> int:
         kw.update(ks=args.ks, repeats=args.repeats, seed=args.seed, include_downsample=args.include_downsample)
     else:
         kw.update(swaps=args.swaps, repeats=args.repeats, seed=args.seed)
-    res = run_lesion_experiment(models, evals, args.mode, out, bn=args.bn,
-                                calib_batches=calibs if need_calib else None, **kw)
+    with make_progress(args) as progress:
+        res = run_lesion_experiment(models, evals, args.mode, out, bn=args.bn,
+                                    calib_batches=calibs if need_calib else None, progress=progress.update, **kw)
     if args.json:
         print(json.dumps(dict(mode=args.mode, bn=args.bn, summary=res["summary"], files=res["files"])))
         return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from reslab.commands.lesion import _int_list, add_common, default_out, labels_for
+from reslab.commands.lesion import _int_list, add_common, default_out, labels_for, make_progress
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -20,7 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "carry. The gradient is measured at the input of the first residual unit (--at unit, default) "
                     "or at the image (--at image), with eval-mode BatchNorm (default) or batch statistics "
                     "(--bn train).")
-    p.add_argument("targets", nargs="*", metavar="RUN_DIR|CHECKPOINT", help="runs or checkpoints to analyse")
+    p.add_argument("targets", nargs="*", metavar="RUN_DIR|CHECKPOINT|MODEL:TAG",
+                   help="runs, checkpoints or pretrained MODEL:TAG to analyse")
     p.add_argument("--units", type=int, help="without targets: print the path-length distribution of N units")
     p.add_argument("--samples", type=int, default=20,
                    help="(batch, subset) samples per path length (default 20; the paper used ~1000)")
@@ -76,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"two targets are both named {inp.label!r}; name them with --labels a,b,...")
         models[inp.label], evals[inp.label] = inp.model, inp.eval_batches
     out = args.out or default_out(args.targets[0])
-    res = run_paths_experiment(models, evals, out, ks=args.ks, samples=args.samples, at=args.at, bn=args.bn,
-                               seed=args.seed, mass=args.mass)
+    with make_progress(args) as progress:
+        res = run_paths_experiment(models, evals, out, ks=args.ks, samples=args.samples, at=args.at, bn=args.bn,
+                                   seed=args.seed, mass=args.mass, progress=progress.update)
     if args.json:
         print(json.dumps(dict(summary=res["summary"], files=res["files"])))
         return 0

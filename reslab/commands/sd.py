@@ -32,7 +32,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="override a config field (dotted key, YAML value); repeatable")
     p.add_argument("--mode", default="batch", help="batch (paper), batch-mask or row")
     p.add_argument("--out", required=True, help="output directory (one run directory per variant inside)")
-    p.add_argument("--progress", action="store_true", help="show the training progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="training progress bars (default: on a terminal only)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -117,6 +118,13 @@ def run_schedule(args: argparse.Namespace) -> int:
 
 
 # ---- training experiments --------------------------------------------------------------------------
+def _show_progress(args: argparse.Namespace) -> bool:
+    """--progress / --no-progress, else bars when stderr is a terminal."""
+    import sys
+
+    return sys.stderr.isatty() if args.progress is None else bool(args.progress)
+
+
 def _base_config(args: argparse.Namespace):
     from reslab.train import load_config
 
@@ -138,7 +146,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     from reslab.regularize.sd_train import sweep
 
     rows = sweep(_base_config(args), args.out, args.survival, args.rules, mode=args.mode,
-                 recalibrate_bn=args.recalibrate_bn, progress=args.progress, constant=not args.no_constant)
+                 recalibrate_bn=args.recalibrate_bn, progress=_show_progress(args), constant=not args.no_constant)
     for r in rows:
         extra = f", recalibrated {100 * r['final_error_recal']:.2f}%" if "final_error_recal" in r else ""
         print(f"{r['variant']:>18s}  E[depth] {r['expected_depth']:6.2f}  final error {100 * r['final_error']:.2f}%  "
@@ -151,7 +159,7 @@ def run_grad(args: argparse.Namespace) -> int:
     from reslab.regularize.sd_train import gradient_strength
 
     res = gradient_strength(_base_config(args), args.out, args.survival, args.rule, mode=args.mode,
-                            unit_index=args.unit, progress=args.progress)
+                            unit_index=args.unit, progress=_show_progress(args))
     for label, r in res["runs"].items():
         vals = [e["mean_abs_grad"] for e in r["per_epoch"] if e["mean_abs_grad"] is not None]
         mean = sum(vals) / len(vals) if vals else float("nan")

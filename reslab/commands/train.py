@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -37,8 +38,21 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in pairs if v is not None]
 
 
+def _remove_unfinished_run(out: Path, made: bool) -> None:
+    """A fresh run that stopped on a user error (e.g. the loss diverged at once) before committing a
+    checkpoint leaves nothing to resume: remove what it wrote, so --out can be used again as given."""
+    if not out.is_dir() or (out / "checkpoints" / "last.json").exists():
+        return
+    if made:
+        shutil.rmtree(out, ignore_errors=True)
+    else:  # the empty folder the user gave stays, empty
+        for p in out.iterdir():
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from reslab.train import load_config, resume_config, train
+    from reslab.train.checkpoint import CheckpointWriteError
 
     overrides = _flag_overrides(args) + list(args.overrides)
     out = Path(args.out)
@@ -51,7 +65,18 @@ def run(args: argparse.Namespace) -> int:
         if not args.config and not (args.model and args.data):
             raise ValueError("give a CONFIG file, or --model and --data (see `reslab train --help`)")
         cfg = load_config(args.config, overrides)
-    result = train(cfg, out, resume=args.resume, progress=False if args.no_progress else None)
+    fresh = not args.resume and not (out.is_dir() and any(out.iterdir()))
+    made = fresh and not out.exists()
+    try:
+        result = train(cfg, out, resume=args.resume, progress=False if args.no_progress else None)
+    except CheckpointWriteError as e:  # a full or failing disk: one line, the committed checkpoint is kept
+        from reslab.cli import UserError
+
+        raise UserError(str(e)) from None
+    except (ValueError, FileNotFoundError, NotImplementedError):
+        if fresh and int(os.environ.get("RANK", "0")) == 0:
+            _remove_unfinished_run(out, made)
+        raise
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         best, final = result.best, result.final
         msg = f"{out}: {result.steps} steps, {result.epochs} epochs"

@@ -12,12 +12,15 @@ Pipelines:
     Taylor 2017 clip the square at the border, as here).
   * ImageNet style: random-resized crop (scale, aspect ratio; torchvision's sampling rule,
     10 tries then the centre crop) via one ``grid_sample`` call, flip, normalisation.
+  * Batch mixing (opt-in, applied by the training loop after the transform): mixup and CutMix
+    (:class:`MixSpec`, :func:`sample_mix`, :func:`apply_mix`, :func:`mix_targets`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -198,3 +201,108 @@ class EvalTransform:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = center_crop(x, self.crop)
         return normalize(x, self.mean.to(x.device), self.std.to(x.device))
+
+
+# ---- mixup and cutmix (batch level, on the normalised float batch) -----------------------------------
+#: ``derive_seed(seed, MIX_SEED_TAG, epoch, step)`` seeds a step's mixing draw (the loader uses tags 1, 2).
+MIX_SEED_TAG = 3
+MIX_KINDS = ("none", "mixup", "cutmix")
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """Mixup (Zhang et al. 2018, arXiv 1710.09412) and CutMix (Yun et al. 2019, arXiv 1905.04899).
+
+    ``mixup_alpha`` / ``cutmix_alpha``: the Beta(alpha, alpha) parameter of each (0 disables it).
+    ``prob``: probability that a batch is mixed at all. ``switch_prob``: with both enabled, the
+    probability that a mixed batch uses CutMix rather than mixup. One ``lam`` per batch and image i
+    paired with image n-1-i of the same batch (timm's default "batch" mode; the papers pair with a
+    random permutation, which for a shuffled batch is the same in distribution).
+    """
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        for k in ("mixup_alpha", "cutmix_alpha"):
+            v = getattr(self, k)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{k} must be >= 0 (0 disables it), got {v}")
+        for k in ("prob", "switch_prob"):
+            v = getattr(self, k)
+            if not 0 <= v <= 1:
+                raise ValueError(f"{k} must be in [0, 1], got {v}")
+
+    @property
+    def enabled(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
+
+
+@dataclass(frozen=True)
+class MixParams:
+    """One batch's draw: ``kind`` (none / mixup / cutmix), the weight ``lam`` of each image's own
+    label, and for CutMix the pasted box ``(top, left, height, width)`` in pixels."""
+
+    kind: str = "none"
+    lam: float = 1.0
+    box: tuple[int, int, int, int] | None = None
+
+
+def cutmix_box(lam: float, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """CutMix's box (Yun et al. 2019, section 3.1): side ratio sqrt(1 - lam), centre uniform over the
+    image, clipped at the border; returns ``(top, left, h, w)`` (h or w may be 0)."""
+    rat = math.sqrt(1.0 - lam)
+    ch, cw = int(height * rat), int(width * rat)
+    cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, height)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, width)
+    return y0, x0, y1 - y0, x1 - x0
+
+
+def sample_mix(spec: MixSpec, height: int, width: int, rng: np.random.Generator) -> MixParams:
+    """Draw one batch's mixing from ``rng`` (a ``numpy.random.Generator``).
+
+    For CutMix, ``lam`` is recomputed from the clipped box, ``1 - box area / image area``, so the
+    label weights equal the pixel fractions (as the CutMix reference code does)."""
+    if not spec.enabled or rng.random() >= spec.prob:
+        return MixParams()
+    use_cutmix = spec.cutmix_alpha > 0 and (spec.mixup_alpha == 0 or rng.random() < spec.switch_prob)
+    if use_cutmix:
+        lam = float(rng.beta(spec.cutmix_alpha, spec.cutmix_alpha))
+        box = cutmix_box(lam, height, width, rng)
+        return MixParams("cutmix", 1.0 - box[2] * box[3] / (height * width), box)
+    return MixParams("mixup", float(rng.beta(spec.mixup_alpha, spec.mixup_alpha)))
+
+
+def apply_mix(x: torch.Tensor, params: MixParams) -> torch.Tensor:
+    """Mix a float batch (N, C, H, W) with its reverse ``x.flip(0)``: mixup blends every pixel,
+    CutMix pastes the partner's box. ``kind == "none"`` returns ``x`` itself."""
+    if params.kind == "none":
+        return x
+    partner = x.flip(0)
+    if params.kind == "mixup":
+        return partner.lerp(x, params.lam)  # lam * x + (1 - lam) * partner
+    if params.kind == "cutmix":
+        assert params.box is not None
+        top, left, h, w = params.box
+        out = x.clone()
+        out[:, :, top:top + h, left:left + w] = partner[:, :, top:top + h, left:left + w]
+        return out
+    raise ValueError(f"mix kind must be one of {MIX_KINDS}, got {params.kind!r}")
+
+
+def mix_targets(y: torch.Tensor, num_classes: int, lam: float, smoothing: float = 0.0) -> torch.Tensor:
+    """Soft targets (N, num_classes) of a mixed batch: ``lam * t(y) + (1 - lam) * t(y.flip(0))`` with
+    ``t`` the label-smoothed one-hot ``(1 - smoothing) * onehot + smoothing / num_classes`` (Szegedy
+    et al. 2016, as ``torch.nn.CrossEntropyLoss(label_smoothing=...)``). Each row sums to 1;
+    ``lam = 1`` gives the smoothed one-hot of ``y`` alone."""
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    if not 0 <= lam <= 1:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    off = smoothing / num_classes
+    onehot = F.one_hot(y, num_classes).to(torch.float32)
+    t = onehot * (1.0 - smoothing) + off
+    return t.flip(0).lerp(t, lam) if lam < 1 else t

@@ -1,12 +1,13 @@
 """The model contract shared by every network in reslab, and the stage container."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from reslab.models.features import FeatureInfo, feature_take_indices
 from reslab.models.units import ResidualUnit
 
 
@@ -53,6 +54,20 @@ class Stage(nn.Module):
                     x = checkpoint(unit, x, use_reentrant=False)
             else:
                 x = unit(x)
+        return x
+
+
+class PrunedStage(Stage):
+    """Stands in for a stage removed by ``prune_intermediate_layers``: no units, the identity
+    (extra arguments, e.g. FractalNet's drop-path column and masks, are ignored)."""
+
+    widths: tuple[int, ...] = ()  # FractalNet's drop-path sampler reads the join widths of every block
+    num_joins = 0
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         return x
 
 
@@ -112,3 +127,125 @@ class ResidualNetBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    # ---- feature extraction: timm's forward_intermediates contract (see features.py) -------
+    # Family hooks: ``feature_tensor`` (a stage state as one NCHW tensor: DPN concatenates its two
+    # paths, merge-and-run averages its two streams), ``_stage_container`` (the ModuleList of
+    # stages) and ``_stage_states`` (run the stages: FractalNet runs its blocks under one
+    # drop-path plan there).
+    def feature_tensor(self, state: Any) -> torch.Tensor:
+        """A stage's output state as the tensor that ``feature_info`` describes."""
+        return state
+
+    def _stage_container(self) -> nn.ModuleList:
+        return self.stages
+
+    def _stage_states(self, x: Any, stop: int) -> list[Any]:
+        """The output states of stages ``0 .. stop`` for the stem output ``x``."""
+        outs = []
+        for si, stage in enumerate(self._stage_container()):
+            if si > stop:
+                break
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def _stem_feature_info(self) -> dict[str, Any] | None:
+        """Intermediate 0 (timm's ``act1``): the stem up to, not including, its ``pool``.
+        ``None`` when the stem is the identity (FractalNet)."""
+        if isinstance(self.stem, nn.Identity):
+            return None
+        chs, red, last = None, 1, ""
+        for name, m in self.stem.named_children() if isinstance(self.stem, nn.Sequential) else [("", self.stem)]:
+            if name == "pool":
+                break
+            last = name
+            for sub in m.modules():
+                if isinstance(sub, nn.Conv2d):
+                    chs, red = sub.out_channels, red * sub.stride[0]
+                elif isinstance(sub, (nn.MaxPool2d, nn.AvgPool2d)):
+                    s = sub.stride if sub.stride is not None else sub.kernel_size
+                    red *= s if isinstance(s, int) else s[0]
+        if chs is None:
+            return None
+        has_pool = isinstance(self.stem, nn.Sequential) and "pool" in self.stem._modules
+        return dict(num_chs=chs, reduction=red, module=f"stem.{last}" if has_pool and last else "stem")
+
+    def _forward_stem(self, x: torch.Tensor) -> tuple[Any, Any]:
+        """(the stem feature state, the stem output): they differ when the stem has a ``pool``
+        (the feature is taken before it, as :meth:`_stem_feature_info` describes)."""
+        stem = self.stem
+        if isinstance(stem, nn.Sequential) and "pool" in stem._modules:
+            feat = x
+            for name, m in stem.named_children():
+                if name == "pool":
+                    feat = x
+                x = m(x)
+            return feat, x
+        x = stem(x)
+        return x, x
+
+    def intermediate_info(self) -> FeatureInfo:
+        """``dict(num_chs, reduction, module)`` of every ``forward_intermediates`` index: the stem
+        (index 0, as timm's ResNets; absent for FractalNet) followed by ``feature_info``."""
+        stem = self._stem_feature_info()
+        return FeatureInfo(([stem] if stem is not None else []) + list(self.feature_info))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature API: the feature maps at ``indices`` (see :meth:`intermediate_info`).
+
+        Args:
+            indices: ``None`` (all), an int ``n`` (the last ``n``) or a list of positions.
+            norm: apply the final norm (``final_norm``: BN-ReLU of pre-activation nets and DPN) to
+                the last stage's map when it is taken; identity for the other families.
+            stop_early: do not run the stages after the deepest index taken.
+            output_fmt: ``"NCHW"`` only.
+            intermediates_only: return only the list.
+
+        Returns ``(final, intermediates)``; ``final`` equals ``forward_features(x)`` when every
+        stage ran, and is the last computed stage's map (no final norm) after ``stop_early``.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW' (reslab networks are convolutional), got {output_fmt!r}")
+        offset = 0 if self._stem_feature_info() is None else 1
+        n_stages = len(self.feature_info)
+        take, max_index = feature_take_indices(n_stages + offset, indices)
+        wanted = set(take)
+        out: list[torch.Tensor] = []
+        feat, x = self._forward_stem(x)
+        if offset and 0 in wanted:
+            out.append(self.feature_tensor(feat))
+        last = n_stages - 1
+        stop = max_index - offset if stop_early else last
+        final = None
+        for si, x in enumerate(self._stage_states(x, stop)):
+            if si == last:
+                if norm or not intermediates_only:
+                    final = self.feature_tensor(self.final_norm(x))
+                if si + offset in wanted:
+                    out.append(final if norm else self.feature_tensor(x))
+            elif si + offset in wanted:
+                out.append(self.feature_tensor(x))
+        if intermediates_only:
+            return out
+        return (final if final is not None else self.feature_tensor(x)), out
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Remove what ``forward_intermediates(indices)`` does not need (timm's contract): the stages
+        after the deepest index become :class:`PrunedStage` identities (indexing is unchanged),
+        ``prune_norm`` replaces ``final_norm`` by the identity, ``prune_head`` resets the classifier
+        to 0 classes. Returns the absolute indices. In place; ``forward`` of a pruned model is not
+        meant to be used (later stages are gone)."""
+        offset = 0 if self._stem_feature_info() is None else 1
+        stages = self._stage_container()
+        take, max_index = feature_take_indices(len(self.feature_info) + offset, indices)
+        for si in range(max(max_index - offset + 1, 0), len(stages)):
+            stages[si] = PrunedStage()
+        if prune_norm:
+            self.final_norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take

@@ -12,8 +12,12 @@ and on the CPU for small ones, where meta's Python-level kernels are slower than
 from __future__ import annotations
 
 import contextlib
+import json
 import re
-from typing import Any, Iterator
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -212,3 +216,93 @@ def model_description(name: str) -> str:
     para = " ".join(doc.split("\n\n")[0].split())
     m = re.search(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)\.(\s|$)", para)  # first full stop not in "et al."
     return para[: m.start() + 1] if m else para
+
+
+# ---- the table kept in the package (`reslab models` reads it; no FLOP counting at start-up) ----
+TABLE_FILE = "complexity_table.json"
+TABLE_FIELDS = ("name", "input_size", "params", "flops", "macs", "residual_units")
+
+
+def table_path() -> Path:
+    """``reslab/models/complexity_table.json``: every registered model's row of :func:`model_info`."""
+    return Path(__file__).resolve().parent / TABLE_FILE
+
+
+def table_row(name: str) -> dict[str, Any]:
+    """One row of the table: :func:`model_info` at the native input size, ``TABLE_FIELDS`` only."""
+    info = model_info(name, stages=False)
+    return {k: info[k] for k in TABLE_FIELDS}
+
+
+def complexity_table(names: Sequence[str] | None = None, progress: bool | None = None) -> list[dict[str, Any]]:
+    """Rows of :func:`table_row` for ``names`` (default: every registered model), counted live.
+
+    Shows a tqdm bar on a terminal (``progress=None``) and one line per model otherwise."""
+    from tqdm import tqdm
+
+    from reslab.models.registry import list_models
+
+    names = list(names) if names is not None else list_models()
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    rows = []
+    with tqdm(names, desc="counting FLOPs", unit="model", disable=not show_bar, file=sys.stderr) as bar:
+        for name in bar:
+            bar.set_postfix_str(name)
+            t0 = time.perf_counter()
+            rows.append(table_row(name))
+            if not show_bar and progress is None:
+                print(f"counted {name} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    return rows
+
+
+def write_table(path: str | Path | None = None, progress: bool | None = None) -> Path:
+    """Count every registered model and write the table (JSON, one object per model, sorted by name)."""
+    out = Path(path) if path is not None else table_path()
+    doc = {
+        "about": "reslab.models.complexity.model_info(name, stages=False) at each model's native input size: "
+                 "FLOPs as torch.utils.flop_counter counts them for one image (2 per multiply-add), "
+                 "macs = flops // 2. Regenerate with `python benchmarks/tools/complexity_table.py --write`; "
+                 "tests/test_cli_models.py checks it against the counter.",
+        "torch": torch.__version__.split("+")[0],
+        "models": complexity_table(progress=progress),
+    }
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def check_table(path: str | Path | None = None, names: Sequence[str] | None = None,
+                progress: bool | None = False) -> list[str]:
+    """Differences between the stored table and the live counter: a line per missing, extra or
+    differing model (``names``: only these rows are recounted; the name sets are always compared)."""
+    from reslab.models.registry import list_models
+
+    stored = {r["name"]: r for r in json.loads(Path(path or table_path()).read_text())["models"]}
+    registered = set(list_models())
+    problems = [f"{n}: registered but not in the table" for n in sorted(registered - set(stored))]
+    problems += [f"{n}: in the table but not registered" for n in sorted(set(stored) - registered)]
+    todo = [n for n in (names if names is not None else sorted(registered)) if n in stored]
+    for row in complexity_table(todo, progress=progress):
+        if row != stored[row["name"]]:
+            problems.append(f"{row['name']}: table {stored[row['name']]} != counted {row}")
+    return problems
+
+
+def update_table(path: str | Path | None = None, progress: bool | None = None) -> list[str]:
+    """Count only the registered models missing from the table, drop rows of models no longer
+    registered, and rewrite it; returns the names added. (A changed model needs ``write_table``.)"""
+    from reslab.models.registry import list_models
+
+    out = Path(path) if path is not None else table_path()
+    doc = json.loads(out.read_text())
+    registered = list_models()
+    have = {r["name"]: r for r in doc["models"] if r["name"] in registered}
+    added = [n for n in registered if n not in have]
+    for row in complexity_table(added, progress=progress):
+        have[row["name"]] = row
+    doc["models"] = [have[n] for n in sorted(have)]
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(out)
+    return added

@@ -304,6 +304,10 @@ class DPN(ResidualNetBase):
         return ResidualUnit(branch, shortcut, DualPathMerge(st.inc), preact=DualPathConcat(),
                             shortcut_from_preact=first, stage=si, index=ui, downsample=first)
 
+    def feature_tensor(self, state: torch.Tensor | DualPathState) -> torch.Tensor:
+        """A stage state as one tensor ``cat(resid, dense)`` (forward_intermediates hook, base.py)."""
+        return _cat(state)
+
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each stage's output as one tensor ``cat(resid, dense)`` (``feature_info`` channels)."""
         x = self.stem(x)

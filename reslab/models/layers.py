@@ -61,7 +61,8 @@ def projection_shortcut(in_chs: int, out_chs: int, stride: int, norm: bool = Tru
 
 def make_shortcut(kind: str, in_chs: int, out_chs: int, stride: int) -> nn.Module:
     """Identity when shapes match; otherwise option ``A`` (zero-pad), ``B`` (1x1 conv + BN) or
-    ``B-nobn`` (1x1 conv, as in Wide ResNets)."""
+    ``B-nobn`` (a bare 1x1 conv: Wide ResNets, and the pre-activation projection of
+    KaimingHe/resnet-1k-layers, fb.resnet.torch ``preresnet.lua`` and timm ``resnetv2``)."""
     if in_chs == out_chs and stride == 1:
         return nn.Identity()
     if kind == "A":
@@ -70,14 +71,15 @@ def make_shortcut(kind: str, in_chs: int, out_chs: int, stride: int) -> nn.Modul
         return projection_shortcut(in_chs, out_chs, stride, norm=True)
     if kind == "B-nobn":
         return projection_shortcut(in_chs, out_chs, stride, norm=False)
-    raise ValueError(f"unknown shortcut type {kind!r}; use 'A' or 'B'")
+    raise ValueError(f"unknown shortcut type {kind!r}; use 'A', 'B' or 'B-nobn'")
 
 
 def make_stem(kind: str, in_chans: int, out_chs: int) -> nn.Sequential:
     """Network stems.
 
     * ``cifar``: 3x3 conv, BN, ReLU (He et al. 2015 CIFAR networks);
-    * ``cifar_preact``: 3x3 conv only (pre-activation networks normalise inside the first unit);
+    * ``cifar_preact``: 3x3 conv only: pre-activation networks normalise in the first unit, before
+      its split into the two paths (resnet-1k-layers' "common BN, ReLU"; ``NetSpec.shared_preact``);
     * ``imagenet``: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool (He et al. 2015, torchvision layout);
     * ``imagenet_preact``: 7x7/2 conv, 3x3/2 max-pool.
     """

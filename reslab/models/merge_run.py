@@ -28,6 +28,22 @@ The README's "depth" column is the longest path, ``2 * blocks + 2``: 56, 32 and 
 published models. Widths are ``16w, 16w, 32w, 64w`` (stem, stages); fusenet's stem already has
 ``16w`` channels, so the first stage has no projection even when ``w > 1``.
 
+ImageNet variant (:class:`DMRNetImageNet`, entry points :func:`dmrnet` and :func:`dmrnet50`; the
+paper's ImageNet section, built as fusenet ``network/imagenet/symbol_cross.py`` builds it):
+
+* stem 7x7/2 conv (64) - BN - ReLU - 3x3/2 max-pool **without padding** (fusenet: ``pad=(0, 0)``;
+  224 -> 112 -> 55, then 28, 14, 7 after the stages; torchvision-style ResNets pad by 1: 56);
+* four stages of MR blocks with **bottleneck** branches ``F_i = 1x1 (w/4) - BN - ReLU - 3x3 (w/4,
+  stride) - BN - ReLU - 1x1 (w) - BN``, stride on the 3x3 conv, widths 256/512/1024/2048, stride 1
+  in stage 1 (its first block only widens 64 -> 256 through per-stream 1x1 projections + BN) and 2
+  at the first block of stages 2-4;
+* every block ``x_i' = ReLU(m + F_i(x_i))`` except the **last**, which has no ReLU; the head is
+  ``ReLU(x1 + x2)`` -> global average pool -> fc. Unlike the CIFAR head (``ReLU(m + F1 + F2)``,
+  the skip term once) this counts the skip term twice: ``ReLU(2m + F1 + F2)``.
+* ``depth`` is the longest path, ``3 * blocks + 2`` (not the CIFAR code's equivalent plain depth):
+  fusenet's table 26 (2, 2, 3, 1), 29 (2, 2, 4, 1), 44 (2, 2, 8, 2), 50 (3, 4, 6, 3),
+  101 (3, 4, 23, 3), 152 (3, 8, 36, 3); fusenet's default is 29.
+
 Deviations: BatchNorm uses PyTorch defaults (momentum 0.1, eps 1e-5; fusenet: MXNet momentum
 0.99 = PyTorch 0.01, eps 2e-5); convolutions use He (fan-out) initialisation like the rest of
 reslab. The published 24.8M model (DFN-MR3) is not reproduced by an integer widen factor, see
@@ -43,14 +59,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reslab.models.base import ResidualNetBase, Stage, check_model_args, he_init_
-from reslab.models.layers import ClassifierHead, conv3x3, make_shortcut, make_stem, projection_shortcut
+from reslab.models.layers import ClassifierHead, conv1x1, conv3x3, make_shortcut, make_stem, projection_shortcut
 from reslab.models.registry import register_model
 from reslab.models.units import AddMerge, ResidualUnit
 
 __all__ = [
     "TwoStream", "ToTwoStream", "StreamMean", "MergeShortcut", "TwoStreamBranch", "MergeRunMerge", "SumBranch",
-    "DeepFusionNet", "fusenet_blocks", "merge_run_unit", "inception_unit", "basic_branch",
-    "cifar_dmrnet", "cifar_dmrnet_mr1", "cifar_dmrnet_mr2", "cifar_dmrnet_mr3", "cifar_dfn_il",
+    "DeepFusionNet", "fusenet_blocks", "merge_run_unit", "inception_unit", "basic_branch", "bottleneck_branch",
+    "StreamSumReLU", "DMRNetImageNet", "IMAGENET_BLOCKS",
+    "cifar_dmrnet", "cifar_dmrnet_mr1", "cifar_dmrnet_mr2", "cifar_dmrnet_mr3", "cifar_dfn_il", "dmrnet", "dmrnet50",
 ]
 
 CIFAR_INPUT = (3, 32, 32)
@@ -90,10 +107,24 @@ def basic_branch(in_chs: int, out_chs: int, stride: int = 1) -> nn.Sequential:
         conv2=conv3x3(out_chs, out_chs), bn2=nn.BatchNorm2d(out_chs)))
 
 
+def bottleneck_branch(in_chs: int, out_chs: int, stride: int = 1) -> nn.Sequential:
+    """``F = 1x1 (out/4) - BN - ReLU - 3x3 (out/4, stride) - BN - ReLU - 1x1 (out) - BN`` (fusenet
+    ImageNet ``get_deep``; stride on the 3x3 conv). Module names match the bottleneck branch of
+    :mod:`reslab.models.resnet` (``conv1 .. bn3``)."""
+    if out_chs % 4:
+        raise ValueError(f"a bottleneck branch needs a width divisible by 4, got {out_chs}")
+    mid = out_chs // 4
+    return nn.Sequential(OrderedDict(
+        conv1=conv1x1(in_chs, mid), bn1=nn.BatchNorm2d(mid), act1=nn.ReLU(inplace=True),
+        conv2=conv3x3(mid, mid, stride), bn2=nn.BatchNorm2d(mid), act2=nn.ReLU(inplace=True),
+        conv3=conv1x1(mid, out_chs), bn3=nn.BatchNorm2d(out_chs)))
+
+
 @torch.no_grad()
 def _scale_last_bn(branch: nn.Sequential, factor: float) -> None:
-    branch.bn2.weight.mul_(factor)
-    branch.bn2.bias.mul_(factor)
+    bn = branch.bn3 if hasattr(branch, "bn3") else branch.bn2
+    bn.weight.mul_(factor)
+    bn.bias.mul_(factor)
 
 
 class MergeShortcut(nn.Module):
@@ -162,6 +193,14 @@ class MergeRunMerge(nn.Module):
         return f"post_act={self.post_act}, fuse={self.fuse}"
 
 
+class StreamSumReLU(nn.Module):
+    """``(x1, x2) -> ReLU(x1 + x2)``: the ImageNet head of fusenet (``fusion = data1 + data2``,
+    then ReLU), applied after the last MR block (which has no ReLU of its own)."""
+
+    def forward(self, x: TwoStream) -> torch.Tensor:
+        return F.relu(x.x1 + x.x2)
+
+
 class SumBranch(nn.Module):
     """``x -> F1(x) + F2(x)``: the two parallel branches of the inception-like block."""
 
@@ -179,9 +218,11 @@ class SumBranch(nn.Module):
 
 
 def merge_run_unit(in_chs: int, out_chs: int, stride: int = 1, *, fuse: bool = False, post_act: bool = True,
-                   stage: int = 0, index: int = 0) -> ResidualUnit:
-    """One merge-and-run unit (state :class:`TwoStream` in and out)."""
-    branch = TwoStreamBranch(basic_branch(in_chs, out_chs, stride), basic_branch(in_chs, out_chs, stride))
+                   stage: int = 0, index: int = 0, bottleneck: bool = False) -> ResidualUnit:
+    """One merge-and-run unit (state :class:`TwoStream` in and out); ``bottleneck=True`` gives
+    the ImageNet branches (:func:`bottleneck_branch`) instead of :func:`basic_branch`."""
+    make = bottleneck_branch if bottleneck else basic_branch
+    branch = TwoStreamBranch(make(in_chs, out_chs, stride), make(in_chs, out_chs, stride))
     downsample = stride != 1 or in_chs != out_chs
     return ResidualUnit(branch, MergeShortcut(in_chs, out_chs, stride), MergeRunMerge(post_act, fuse),
                         stage=stage, index=index, downsample=downsample)
@@ -283,6 +324,10 @@ class DeepFusionNet(ResidualNetBase):
             for u in self.residual_units():
                 u.branch.scale_output_(0.0)
 
+    def feature_tensor(self, state: torch.Tensor | TwoStream) -> torch.Tensor:
+        """A stage state as one tensor, the stream average (forward_intermediates hook, base.py)."""
+        return StreamMean()(state) if isinstance(state, TwoStream) else state
+
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each stage's output as one tensor (the stream average for merge-and-run)."""
         x = self.stem(x)
@@ -291,6 +336,91 @@ class DeepFusionNet(ResidualNetBase):
             x = stage(x)
             outs.append(StreamMean()(x) if isinstance(x, TwoStream) else x)
         return outs
+
+
+IMAGENET_BLOCKS: dict[int, tuple[int, int, int, int]] = {
+    26: (2, 2, 3, 1), 29: (2, 2, 4, 1), 44: (2, 2, 8, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+"""MR blocks per stage by longest-path depth (fusenet ``network/imagenet/symbol_cross.py``)."""
+
+
+class DMRNetImageNet(ResidualNetBase):
+    """The ImageNet merge-and-run network (Zhao et al. arXiv 1611.07718, ImageNet section; fusenet
+    ``network/imagenet/symbol_cross.py``): see the module docstring.
+
+    Args:
+        blocks: MR blocks per stage (four stages in the paper's layout; any number is accepted).
+        widths: output channels per stage (bottleneck width ``w/4``); 256, 512, 1024, 2048.
+        stem_chs: channels of the 7x7 stem (64).
+        pool_padding: padding of the stem's 3x3/2 max-pool; 0 as fusenet (1 = torchvision layout).
+        drop_rate: dropout before the classifier (not in the paper; default 0).
+        zero_init_last: zero the last BN of every branch (not in the paper).
+
+    The first stage runs at stride 1, every later stage downsamples by 2 in its first block;
+    every block whose shape changes has one 1x1 projection + BN per stream. ``feature_info`` /
+    ``forward_stages`` report each stage's two-stream state as the stream average (as the CIFAR
+    builds); ``forward_features`` returns the head ``ReLU(x1 + x2)``.
+    """
+
+    def __init__(self, blocks: Sequence[int] = (3, 4, 6, 3), widths: Sequence[int] = (256, 512, 1024, 2048),
+                 stem_chs: int = 64, num_classes: int = 1000, in_chans: int = 3, pool_padding: int = 0,
+                 drop_rate: float = 0.0, zero_init_last: bool = False) -> None:
+        super().__init__()
+        blocks, widths = tuple(int(b) for b in blocks), tuple(int(w) for w in widths)
+        if len(blocks) != len(widths) or not blocks:
+            raise ValueError(f"blocks {blocks} and widths {widths} must be non-empty and of equal length")
+        if min(blocks) < 1 or min(widths) < 4 or stem_chs < 1:
+            raise ValueError(f"every stage needs >= 1 block and a width >= 4, got blocks {blocks}, widths {widths}")
+        if pool_padding not in (0, 1):
+            raise ValueError(f"pool_padding must be 0 (fusenet) or 1 (torchvision layout), got {pool_padding}")
+        check_model_args(num_classes, in_chans, drop_rate)
+        self.blocks_per_stage, self.widths, self.fusion = blocks, widths, "merge_run"
+        self.num_classes = num_classes
+        stem = make_stem("imagenet", in_chans, stem_chs)
+        stem.pool = nn.MaxPool2d(3, stride=2, padding=pool_padding)
+        stem.add_module("split", ToTwoStream())
+        self.stem = stem
+        chs, red = stem_chs, 4
+        stages, self.feature_info = [], []
+        n_total, k = sum(blocks), 0
+        for si, (n, w) in enumerate(zip(blocks, widths)):
+            units = []
+            for ui in range(n):
+                stride = 2 if (ui == 0 and si > 0) else 1
+                k += 1
+                units.append(merge_run_unit(chs, w, stride, post_act=k < n_total, stage=si, index=ui,
+                                            bottleneck=True))
+                red *= stride
+                chs = w
+            stages.append(Stage(units))
+            self.feature_info.append(dict(num_chs=chs, reduction=red, module=f"stages.{si}"))
+        self.stages = nn.ModuleList(stages)
+        self.final_norm = StreamSumReLU()
+        self.num_features = chs
+        self.head = ClassifierHead(chs, num_classes, drop_rate)
+        he_init_(self)
+        if zero_init_last:
+            for u in self.residual_units():
+                u.branch.scale_output_(0.0)
+        self._finish_init()
+
+    @property
+    def depth(self) -> int:
+        """Longest path in weighted layers: stem conv + 3 per MR block + fc."""
+        return 3 * sum(self.blocks_per_stage) + 2
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each stage's output as one tensor, the stream average ``(x1 + x2) / 2``."""
+        x = self.stem(x)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(StreamMean()(x))
+        return outs
+
+    def feature_tensor(self, state: torch.Tensor | TwoStream) -> torch.Tensor:
+        """A stage state as one tensor, the stream average (forward_intermediates hook, base.py);
+        the head output ``ReLU(x1 + x2)`` is already one tensor."""
+        return StreamMean()(state) if isinstance(state, TwoStream) else state
 
 
 # ---- entry points ----------------------------------------------------------------------
@@ -355,3 +485,26 @@ def cifar_dfn_il(depth: int = 110, widen_factor: float = 1.0, num_classes: int =
     al. arXiv 1605.07716; fusenet ``half.py``). Depth semantics as :func:`cifar_dmrnet`."""
     return _build("inception", depth, widen_factor, blocks, num_classes=num_classes, in_chans=in_chans,
                   drop_rate=drop_rate, zero_init_last=zero_init_last)
+
+
+@register_model
+def dmrnet(depth: int = 29, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
+           zero_init_last: bool = False, pool_padding: int = 0) -> DMRNetImageNet:
+    """ImageNet merge-and-run network (DMRNet, Zhao et al. arXiv 1611.07718, ImageNet section) with
+    bottleneck branches and the ``ReLU(x1 + x2)`` head. ``depth`` is the longest path, one of
+    :data:`IMAGENET_BLOCKS` (26, 29, 44, 50, 101, 152; default 29, fusenet's default)."""
+    if depth not in IMAGENET_BLOCKS:
+        raise ValueError(f"ImageNet DMRNet depth must be one of {sorted(IMAGENET_BLOCKS)} (fusenet's table), "
+                         f"got {depth!r}")
+    return DMRNetImageNet(IMAGENET_BLOCKS[depth], num_classes=num_classes, in_chans=in_chans,
+                          pool_padding=pool_padding, drop_rate=drop_rate, zero_init_last=zero_init_last)
+
+
+@register_model
+def dmrnet50(num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0, zero_init_last: bool = False,
+             pool_padding: int = 0) -> DMRNetImageNet:
+    """ImageNet DMRNet of longest path 50: (3, 4, 6, 3) MR blocks, i.e. 32 bottleneck branches
+    (two per block) in ResNet-50's stage layout; 49,055,528 parameters with 1000 classes, exactly
+    ``2 * resnet50 - stem - fc`` (every branch and projection doubled). Paper's count: not stated
+    in the sources we hold (see docs/architectures.md)."""
+    return dmrnet(50, num_classes, in_chans, drop_rate, zero_init_last, pool_padding)

@@ -22,6 +22,8 @@ from reslab.models.layers import ClassifierHead, conv1x1, conv3x3, make_shortcut
 from reslab.models.units import AddMerge, ResidualUnit
 
 BLOCKS = ("basic", "bottleneck")
+STRIDE_ON = ("3x3", "1x1")
+SHARED_PREACT = ("projection", "stage_first")
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,21 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class NetSpec:
-    """A whole network. ``shortcut``: 'A' (zero-pad), 'B' (1x1 conv + BN), 'B-nobn' (WRN).
-    ``plain=True`` removes every shortcut (the plain twin used as a control)."""
+    """A whole network. ``shortcut``: 'A' (zero-pad), 'B' (1x1 conv + BN), 'B-nobn' (bare 1x1 conv:
+    WRN, and the pre-activation nets of He et al. 2016). ``plain=True`` removes every shortcut (the
+    plain twin used as a control).
+
+    ``stride_on`` (bottlenecks): '3x3' puts a downsampling unit's stride on the 3x3 conv (torchvision
+    "v1.5", fb.resnet.torch, timm); '1x1' on the first 1x1 conv (He et al. 2015's Caffe models, and
+    the CIFAR bottlenecks of KaimingHe/resnet-1k-layers).
+
+    ``shared_preact`` (pre-activation nets): which units apply their BN-ReLU *before* the split, so
+    that the shortcut reads the pre-activated input too. 'projection': units with a projection
+    shortcut (timm ``resnetv2``, the WRN code); 'stage_first': the first unit of every stage whatever
+    its shortcut (fb.resnet.torch ``preresnet.lua`` "both_preact"; resnet-1k-layers' "common BN,
+    ReLU"), so stage 1's skip path carries BN-ReLU(conv1) (He et al. 2016 appendix). Other units apply
+    it on the residual path only.
+    """
 
     stages: tuple[StageSpec, ...]
     block: str = "basic"
@@ -53,6 +68,8 @@ class NetSpec:
     plain: bool = False
     dropout: float = 0.0
     zero_init_last: bool = False
+    stride_on: str = "3x3"
+    shared_preact: str = "projection"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,6 +79,10 @@ class NetSpec:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.stages:
             raise ValueError("a network needs at least one stage")
+        if self.stride_on not in STRIDE_ON:
+            raise ValueError(f"stride_on must be one of {STRIDE_ON}, got {self.stride_on!r}")
+        if self.shared_preact not in SHARED_PREACT:
+            raise ValueError(f"shared_preact must be one of {SHARED_PREACT}, got {self.shared_preact!r}")
         for s in self.stages:
             if s.depth < 1:
                 raise ValueError(f"every stage needs depth >= 1, got {s.depth}")
@@ -92,10 +113,11 @@ def _branch(spec: NetSpec, in_chs: int, st: StageSpec, stride: int) -> nn.Sequen
             L["bn2"] = nn.BatchNorm2d(st.out_chs)
     else:
         mid = st.mid_chs or st.out_chs // 4
-        L["conv1"] = conv1x1(in_chs, mid)
+        s1, s3 = (stride, 1) if spec.stride_on == "1x1" else (1, stride)
+        L["conv1"] = conv1x1(in_chs, mid, s1)
         L["bn1"] = nn.BatchNorm2d(mid)
         L["act1"] = nn.ReLU(inplace=True)
-        L["conv2"] = conv3x3(mid, mid, stride, groups=st.groups)
+        L["conv2"] = conv3x3(mid, mid, s3, groups=st.groups)
         L["bn2"] = nn.BatchNorm2d(mid)
         L["act2"] = nn.ReLU(inplace=True)
         if spec.dropout > 0:
@@ -109,8 +131,8 @@ def _branch(spec: NetSpec, in_chs: int, st: StageSpec, stride: int) -> nn.Sequen
 class ResNet(ResidualNetBase):
     """ResNet / pre-activation ResNet / Wide ResNet / ResNeXt built from a :class:`NetSpec`.
 
-    Deviations: ImageNet bottlenecks put the stride on the 3x3 conv (torchvision's "v1.5");
-    option A pads the new channels after the old ones.
+    Deviations: ImageNet bottlenecks put the stride on the 3x3 conv (torchvision's "v1.5";
+    ``NetSpec.stride_on``); option A pads the new channels after the old ones.
     """
 
     def __init__(self, spec: NetSpec, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0) -> None:
@@ -143,9 +165,13 @@ class ResNet(ResidualNetBase):
         branch = _branch(spec, in_chs, st, stride)
         shortcut = None if spec.plain else make_shortcut(spec.shortcut, in_chs, st.out_chs, stride)
         if spec.preact:
-            # He et al. 2016: BN-ReLU before the branch; a projection shortcut reads it too.
+            # He et al. 2016: BN-ReLU before the branch; where it comes before the split (see
+            # NetSpec.shared_preact) the shortcut reads it too.
             preact = norm_act(in_chs)
-            from_pre = isinstance(shortcut, nn.Sequential)
+            if spec.shared_preact == "stage_first":
+                from_pre = ui == 0 or isinstance(shortcut, nn.Sequential)
+            else:
+                from_pre = isinstance(shortcut, nn.Sequential)
             return ResidualUnit(branch, shortcut, AddMerge(post_act=False), preact=preact,
                                 shortcut_from_preact=from_pre, stage=si, index=ui, downsample=downsample)
         return ResidualUnit(branch, shortcut, AddMerge(post_act=True), stage=si, index=ui, downsample=downsample)

@@ -2,8 +2,10 @@
 
 * ``cifar_resnet{20,...,1202}``: He et al. 2015 §4.2, 6n+2 layers, widths 16/32/64, option-A
   shortcuts by default (``shortcut="B"`` for projections).
-* ``cifar_preact_resnet{110,164,1001}``: He et al. 2016, full pre-activation; 110 is basic
-  (6n+2, option A), 164/1001 are bottleneck (9n+2, widths 64/128/256, projection shortcuts).
+* ``cifar_preact_resnet{110,164,1001}``: He et al. 2016, full pre-activation, as the official
+  code builds them (KaimingHe/resnet-1k-layers for the bottlenecks, fb.resnet.torch
+  ``preresnet.lua`` for the basic net); 110 is basic (6n+2, option A), 164/1001 are bottleneck
+  (9n+2, widths 64/128/256, bare 1x1-conv projection shortcuts, stride on the first 1x1).
 * ``cifar_wrn*``: Zagoruyko & Komodakis 2016, pre-activation basic blocks, 6n+4 layers,
   widths 16, 16k, 32k, 64k, 1x1 projection shortcuts without BN, optional dropout between convs.
 * ``cifar_resnext29_*``: Xie et al. 2017 Appendix A, 3 stages x 3 bottlenecks (9n+2),
@@ -41,18 +43,27 @@ def cifar_resnet_spec(depth: int, shortcut: str = "A", plain: bool = False, **kw
 
 
 def cifar_preact_spec(depth: int, bottleneck: bool, shortcut: str | None = None, plain: bool = False,
-                      **kw) -> NetSpec:
-    """He et al. 2016 CIFAR pre-activation ResNet (basic 6n+2 or bottleneck 9n+2)."""
+                      stride_on: str = "1x1", shared_preact: str = "stage_first", **kw) -> NetSpec:
+    """He et al. 2016 CIFAR pre-activation ResNet (basic 6n+2 or bottleneck 9n+2), official layout.
+
+    Stem: one bare 3x3 conv. The first unit of every stage applies its BN-ReLU before the split,
+    so both paths read it (``shared_preact="stage_first"``; He et al. 2016 appendix: "the first
+    activation right after conv1 and before splitting into two paths"); a final BN-ReLU follows
+    the last unit. Bottlenecks: projection shortcuts are a bare 1x1 conv (``"B-nobn"``) and the
+    stride sits on the first 1x1 (``stride_on="1x1"``), as in KaimingHe/resnet-1k-layers
+    ``resnet-pre-act.lua``. Basic: option A, as fb.resnet.torch's CIFAR default. reslab's layout
+    before issue 12 is ``shortcut="B", stride_on="3x3", shared_preact="projection"``.
+    """
     if bottleneck:
         n = _check_depth(depth, 9, 2, "a bottleneck pre-activation ResNet")
         stages = (StageSpec(n, 64, 1, 16), StageSpec(n, 128, 2, 32), StageSpec(n, 256, 2, 64))
-        block, sc = "bottleneck", shortcut or "B"
+        block, sc = "bottleneck", shortcut or "B-nobn"
     else:
         n = _check_depth(depth, 6, 2, "a basic pre-activation ResNet")
         stages = (StageSpec(n, 16, 1), StageSpec(n, 32, 2), StageSpec(n, 64, 2))
         block, sc = "basic", shortcut or "A"
     return NetSpec(stages, block=block, preact=True, stem="cifar_preact", stem_chs=16, shortcut=sc,
-                   plain=plain, **kw)
+                   plain=plain, stride_on=stride_on, shared_preact=shared_preact, **kw)
 
 
 def cifar_wrn_spec(depth: int, widen_factor: float, dropout: float = 0.0, plain: bool = False, **kw) -> NetSpec:
@@ -93,12 +104,15 @@ def cifar_resnet(depth: int = 20, num_classes: int = 10, in_chans: int = 3, shor
 
 @register_model(input_size=CIFAR_INPUT)
 def cifar_preact_resnet(depth: int = 164, num_classes: int = 10, in_chans: int = 3, bottleneck: bool | None = None,
-                        shortcut: str | None = None, plain: bool = False, zero_init_last: bool = False) -> ResNet:
-    """He et al. 2016 pre-activation ResNet; bottleneck by default when depth is 9n+2 and not 6n+2."""
+                        shortcut: str | None = None, plain: bool = False, zero_init_last: bool = False,
+                        stride_on: str = "1x1", shared_preact: str = "stage_first") -> ResNet:
+    """He et al. 2016 pre-activation ResNet; bottleneck by default when depth is 9n+2 and not 6n+2.
+    Official layout by default (see :func:`cifar_preact_spec`); ``shortcut="B", stride_on="3x3",
+    shared_preact="projection"`` gives reslab's layout before issue 12."""
     if bottleneck is None:
         bottleneck = (_check_int(depth, "depth") - 2) % 6 != 0
-    return _build(cifar_preact_spec(depth, bottleneck, shortcut, plain, zero_init_last=zero_init_last),
-                  num_classes, in_chans)
+    return _build(cifar_preact_spec(depth, bottleneck, shortcut, plain, stride_on, shared_preact,
+                                    zero_init_last=zero_init_last), num_classes, in_chans)
 
 
 @register_model(input_size=CIFAR_INPUT)
@@ -139,8 +153,9 @@ def _named_plain(depth: int):
 
 def _named_preact(depth: int, bottleneck: bool):
     def fn(num_classes: int = 10, in_chans: int = 3, shortcut: str | None = None, plain: bool = False,
-           zero_init_last: bool = False) -> ResNet:
-        return cifar_preact_resnet(depth, num_classes, in_chans, bottleneck, shortcut, plain, zero_init_last)
+           zero_init_last: bool = False, stride_on: str = "1x1", shared_preact: str = "stage_first") -> ResNet:
+        return cifar_preact_resnet(depth, num_classes, in_chans, bottleneck, shortcut, plain, zero_init_last,
+                                   stride_on, shared_preact)
 
     fn.__name__ = f"cifar_preact_resnet{depth}"
     fn.__doc__ = f"He et al. 2016 pre-activation ResNet-{depth} ({'bottleneck' if bottleneck else 'basic'})."

@@ -303,6 +303,9 @@ def _canonical(branch: nn.Module) -> _Canonical:
         if c1.groups != 1:
             raise ValueError("the first 1x1 of a ResNeXt branch must be dense (groups=1); a grouped first "
                              "1x1 is not one of the equivalent forms")
+        if c1.stride != (1, 1) or c3.stride != (1, 1):
+            raise ValueError("the stride of a ResNeXt branch must sit on its 3x3 conv; this branch strides "
+                             "a 1x1 (build it with stride_on='3x3' to convert it)")
         if c1.bias is not None or c2.bias is not None:
             raise ValueError("only the last 1x1 of a ResNeXt branch may have a bias")
         if c2.in_channels != c2.out_channels or c2.padding != (1, 1) or c2.dilation != (1, 1):

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+from reslab.analysis.plots import error_axis
 from reslab.train.logging import read_metrics
 
 
@@ -16,7 +17,7 @@ def training_curves(runs: Mapping[str, str | os.PathLike], path: str | os.PathLi
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4), dpi=110)
+    fig = Figure(figsize=(10, 4.6), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax_loss, ax_err = fig.subplots(1, 2)
     for i, (label, run_dir) in enumerate(runs.items()):
@@ -25,19 +26,21 @@ def training_curves(runs: Mapping[str, str | os.PathLike], path: str | os.PathLi
         if not epochs:
             continue
         ep = [r["epoch"] for r in epochs]
-        ax_loss.plot(ep, [r["train_loss"] for r in epochs], color=color, label=label)
-        ax_err.plot(ep, [100 * (1 - r["train_acc"]) for r in epochs], color=color, ls="--", label=f"{label} train")
+        ax_loss.plot(ep, [r["train_loss"] for r in epochs], color=color, marker="o", ms=3, label=label)
+        ax_err.plot(ep, [100 * (1 - r["train_acc"]) for r in epochs], color=color, ls="--", marker="x", ms=4,
+                    label=f"{label} train")
         test = [(r["epoch"], 100 * (1 - r["test_top1"])) for r in epochs if "test_top1" in r]
         if test:
             ax_err.plot(*zip(*test), color=color, marker="o", ms=3, label=f"{label} test")
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
-    ax_err.set(xlabel="epoch", ylabel="top-1 error (%)", title="error (dashed: train, solid: test)")
+    ax_err.set(xlabel="epoch", title="error (dashed: train, solid: test)")
+    error_axis(ax_err, "top-1 error")
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        # below the axes, off the curves
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncols=2, borderaxespad=0.0)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

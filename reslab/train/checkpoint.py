@@ -17,6 +17,7 @@ whose pickle would run code is refused. Safetensors files hold no code at all.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -38,6 +39,10 @@ EMA_PREFIX = "ema/"
 CKPT_DIR = "checkpoints"
 
 
+class CheckpointWriteError(OSError):
+    """A run file could not be written (e.g. the disk is full); the file it was to replace is unchanged."""
+
+
 # -- atomic files -------------------------------------------------------------------------------
 def _fsync_dir(folder: Path) -> None:
     try:
@@ -55,17 +60,23 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, os.replace."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:  # "x": never clobber; permissions follow the umask
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as e:
+        try:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        except OSError:  # pragma: no cover - the disk is gone; a stray .tmp is never read
+            pass
+        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
+            raise CheckpointWriteError(f"could not write {path} ({e.strerror or e}); the previous version of "
+                                       f"the file is unchanged") from e
         raise
     _fsync_dir(path.parent)
 
@@ -113,14 +124,70 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        code = [ln for ln in lines if "GLOBAL" in ln]
+        if not code:  # torch's weights-only unpickler met bytes that are no pickle at all
+            detail = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "")
+            raise ValueError(f"training state {path} is truncated or corrupt ({detail[:120]})") from None
         raise ValueError(f"refusing to load {path}: it holds pickled objects that could run code, "
-                         f"not only tensors and plain data ({first[:120]})") from None
+                         f"not only tensors and plain data ({code[0][:120]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"training state {path} is truncated or corrupt ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a reslab training state (format {FORMAT})")
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise ValueError(f"training state {path} is truncated or corrupt ({first})") from None
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt != FORMAT:
+        raise ValueError(_format_error(path, fmt, state.get("reslab_version") if isinstance(state, dict) else None,
+                                       "a reslab training state"))
     return state
+
+
+def _format_error(path: Path, fmt: Any, version: Any, what: str) -> str:
+    from reslab import __version__
+
+    if isinstance(fmt, str) and fmt.startswith("reslab-checkpoint-"):
+        return (f"{path} was written in checkpoint format {fmt!r} (reslab {version or 'unknown'}); this reslab "
+                f"{__version__} reads {FORMAT}: use the reslab version that wrote it")
+    return f"{path} is not {what} (no '{FORMAT}' format mark); use a file written by reslab train"
+
+
+_STATE_FIELDS: dict[str, tuple[type, ...]] = {"optimizer": (dict,), "schedule": (dict,), "rng": (list,),
+                                              "epoch": (int,), "step_in_epoch": (int,), "global_step": (int,),
+                                              "perm": (torch.Tensor,), "sums": (torch.Tensor,),
+                                              "interval": (torch.Tensor,), "step": (int,)}
+
+
+def check_train_state(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a training state that lacks a field the engine restores, holds one of the wrong type,
+    or carries NaN/inf in a tensor (e.g. momentum buffers); extra fields are allowed."""
+    for key, types in _STATE_FIELDS.items():
+        if key not in state:
+            raise ValueError(f"training state {path} lacks {key!r}; it was not written by this reslab's train")
+        v = state[key]
+        if not isinstance(v, types) or isinstance(v, bool):
+            kind = {int: "an integer", dict: "a mapping", list: "a list"}.get(types[0], "a tensor")
+            raise ValueError(f"training state {path}: {key!r} must be {kind}, got {type(v).__name__}")
+    for key in ("sums", "interval"):
+        shape = tuple(state[key].shape)
+        if shape != (3,) and not (len(shape) == 2 and shape[0] >= 1 and shape[1] == 3):
+            raise ValueError(f"training state {path}: {key!r} must be a tensor of shape (3,) or (ranks, 3), got "
+                             f"{tuple(state[key].shape)}")
+    if not state["rng"] or not all(isinstance(r, dict) for r in state["rng"]):
+        raise ValueError(f"training state {path}: 'rng' must be a non-empty list of RNG states, one per rank")
+
+    def tensors(v: Any, where: str) -> Any:
+        if isinstance(v, torch.Tensor):
+            yield where, v
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                yield from tensors(x, f"{where}.{k}")
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                yield from tensors(x, f"{where}[{i}]")
+
+    for where, t in tensors(state.get("optimizer"), "optimizer"):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"training state {path} holds NaN or infinite values in {where}; resume from a "
+                             f"copy of an earlier checkpoint or start a new run")
 
 
 # -- RNG -------------------------------------------------------------------------------------------
@@ -167,15 +234,24 @@ class CheckpointInfo:
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], path: Path) -> "CheckpointInfo":
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a reslab checkpoint (no '{FORMAT}' metadata); "
-                             f"reslab eval needs a file written by reslab train")
+            if not meta.get("format"):
+                raise ValueError(f"{path} is not a reslab checkpoint (no '{FORMAT}' metadata); "
+                                 f"reslab eval needs a file written by reslab train")
+            raise ValueError(_format_error(path, meta.get("format"), meta.get("reslab_version"), "a reslab checkpoint"))
         try:
-            return cls(model=meta["model"], model_kwargs=json.loads(meta.get("model_kwargs", "{}")),
+            info = cls(model=meta["model"], model_kwargs=json.loads(meta.get("model_kwargs", "{}")),
                        num_classes=int(meta["num_classes"]), step=int(meta.get("step", 0)),
                        epoch=int(meta.get("epoch", 0)), eval_weights=meta.get("eval_weights", "model"),
                        config=json.loads(meta.get("config", "{}")), metrics=json.loads(meta.get("metrics", "{}")))
         except (KeyError, ValueError) as e:
             raise ValueError(f"{path} has broken reslab metadata ({e})") from None
+        for key in ("model_kwargs", "config", "metrics"):
+            if not isinstance(getattr(info, key), dict):
+                raise ValueError(f"{path} has broken reslab metadata ({key} is not a mapping)")
+        if info.num_classes < 1 or info.eval_weights not in ("model", "ema"):
+            raise ValueError(f"{path} has broken reslab metadata (num_classes {info.num_classes}, "
+                             f"eval_weights {info.eval_weights!r})")
+        return info
 
 
 def make_metadata(model: str, model_kwargs: Mapping[str, Any], num_classes: int, step: int, epoch: int,
@@ -198,17 +274,31 @@ def split_ema(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 
 def load_into(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], source: str | os.PathLike,
               expected: str | None = None) -> None:
-    """``model.load_state_dict(weights)`` with a clear error when the architecture differs."""
+    """``model.load_state_dict(weights)`` with a clear error when the architecture differs, a tensor
+    has another kind of dtype (integer for float: load_state_dict would convert it silently) or a
+    tensor holds NaN/inf."""
     own = model.state_dict()
     missing = [k for k in own if k not in weights]
     extra = [k for k in weights if k not in own]
     shape = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
+    arch = f" (a {expected} checkpoint)" if expected else ""
     if missing or extra or shape:
         what = (f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}" if extra else
                 f"{shape[0]!r} has shape {tuple(weights[shape[0]].shape)} instead of {tuple(own[shape[0]].shape)}")
-        arch = f" (a {expected} checkpoint)" if expected else ""
         raise ValueError(f"checkpoint {source}{arch} does not fit this model: {what} "
                          f"({len(missing)} missing, {len(extra)} unexpected, {len(shape)} mis-shaped tensors)")
+    # A float tensor of another precision is cast as load_state_dict does (published weights may be
+    # float16, reslab weights publish --half); an integer tensor for a float one, or the reverse, is an error.
+    dtype = [k for k in own if own[k].dtype != weights[k].dtype
+             and not (own[k].is_floating_point() and weights[k].is_floating_point())]
+    if dtype:
+        k = dtype[0]
+        raise ValueError(f"checkpoint {source}{arch} does not fit this model: {k!r} has dtype {weights[k].dtype} "
+                         f"instead of {own[k].dtype} ({len(dtype)} tensors of another dtype)")
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"checkpoint {source} holds NaN or infinite values in {bad[0]!r} ({len(bad)} tensors); "
+                         f"use an earlier checkpoint or retrain")
     model.load_state_dict(dict(weights), strict=True)
 
 
@@ -223,13 +313,29 @@ def write_step_checkpoint(run_dir: str | os.PathLike, step: int, tensors: Mappin
     folder = Path(run_dir) / CKPT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     name = step_name(step)
-    save_weights(folder / f"{name}.safetensors", tensors, metadata)
-    save_state(folder / f"{name}.state.pt", {**state, "format": FORMAT, "step": step})
+    from reslab import __version__
+
     pointer = {"weights": f"{name}.safetensors", "state": f"{name}.state.pt", "step": step,
                "epoch": int(metadata.get("epoch", 0))}
-    atomic_write_text(folder / "last.json", json.dumps(pointer, indent=1) + "\n")
+    try:
+        save_weights(folder / pointer["weights"], tensors, metadata)
+        save_state(folder / pointer["state"], {**state, "format": FORMAT, "step": step, "reslab_version": __version__})
+        atomic_write_text(folder / "last.json", json.dumps(pointer, indent=1) + "\n")
+    except OSError:  # e.g. a full disk: drop this step's uncommitted files, keep the committed checkpoint
+        try:
+            committed = last_checkpoint(run_dir)
+        except ValueError:
+            committed = None
+        if committed is None or committed[0].name != pointer["weights"]:
+            for f in (folder / pointer["weights"], folder / pointer["state"]):
+                with contextlib.suppress(OSError):
+                    f.unlink(missing_ok=True)
+        raise
     for f in folder.glob("step-*"):
         if not f.name.startswith(name + "."):
+            f.unlink(missing_ok=True)
+    for f in folder.glob(".*.tmp"):  # left by a writer killed mid-write (never committed, never read)
+        if f".{os.getpid()}." not in f.name:
             f.unlink(missing_ok=True)
     return folder / pointer["weights"]
 
@@ -242,21 +348,41 @@ def last_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, Path] | None:
         return None
     try:
         p = json.loads(pointer.read_text())
-        return folder / p["weights"], folder / p["state"]
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{pointer} is corrupt ({e}); the run cannot be resumed") from None
+        names = p["weights"], p["state"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{pointer} is corrupt ({type(e).__name__}: {e}); the run cannot be resumed") from None
+    if not all(isinstance(n, str) and n and Path(n).name == n and not n.startswith(".") for n in names):
+        raise ValueError(f"{pointer} is corrupt (it names {list(names)!r}, not two files in {folder}); "
+                         f"the run cannot be resumed")
+    return folder / names[0], folder / names[1]
 
 
 def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
-    """A weights file from a checkpoint path or a run directory (``which``: best, then last)."""
+    """A weights file from a checkpoint path, a run directory (``which``: best, then last), a
+    published tag folder, or a pretrained tag ``MODEL:TAG`` / ``MODEL`` (its default tag; see
+    :mod:`reslab.weights`, whose files are fetched and sha256-checked)."""
+    from reslab.weights import published_file, resolve_model_spec
+
     p = Path(path)
     if p.is_file():
         return p
     if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist; pass a run directory or a .safetensors checkpoint")
+        from reslab.models import list_models
+
+        w = resolve_model_spec(str(path), list_models())
+        if w is not None:
+            return w
+        raise FileNotFoundError(f"{p} does not exist; pass a run directory, a .safetensors checkpoint or a "
+                                f"pretrained MODEL:TAG (see `reslab weights list`)")
+    pub = published_file(p)
+    if pub is not None:
+        return pub
     folder = p / CKPT_DIR if (p / CKPT_DIR).is_dir() else p
     best = folder / "best.safetensors"
     last = last_checkpoint(folder.parent if folder.name == CKPT_DIR else p)
+    if last is not None and which == "last" and not last[0].is_file():
+        raise FileNotFoundError(f"{folder}/last.json names {last[0].name}, which is not found; the run's last "
+                                f"checkpoint is lost (--which best may still work)")
     order = [best, last[0] if last else None] if which == "best" else [last[0] if last else None, best]
     for cand in order:
         if cand is not None and cand.is_file():

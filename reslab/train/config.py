@@ -44,6 +44,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name must be a registered model name (see `reslab models`)")
         _check(isinstance(self.kwargs, dict), "model.kwargs must be a mapping of create_model keyword arguments")
+        _check_plain(self.kwargs, "model.kwargs")
 
 
 @dataclass(frozen=True)
@@ -99,21 +100,30 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """SGD with momentum (optionally Nesterov) and L2 weight decay."""
+    """SGD with momentum (optionally Nesterov) and L2 weight decay, or AdamW (Loshchilov & Hutter
+    2019, arXiv 1711.05101: decoupled weight decay, ``torch.optim.AdamW``; ``betas``, ``eps``;
+    ``momentum`` and ``nesterov`` are SGD's only)."""
 
-    name: str = "sgd"
+    name: str = "sgd"  # sgd | adamw
     lr: float = 0.1  # base (peak) learning rate for the global batch
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
     decay_norm_and_bias: bool = True  # false: no weight decay on normalisation parameters and biases
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    eps: float = 1e-8  # adamw
 
     def __post_init__(self) -> None:
-        _choice("optim", "name", self.name, ("sgd",))
+        _choice("optim", "name", self.name, ("sgd", "adamw"))
         _check(self.lr > 0 and math.isfinite(self.lr), f"optim.lr must be > 0, got {self.lr}")
         _check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
         _check(not self.nesterov or self.momentum > 0, "optim.nesterov needs optim.momentum > 0")
+        _check(not self.nesterov or self.name == "sgd", "optim.nesterov is an SGD option; set optim.nesterov=false "
+               "with optim.name=adamw")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(all(0 <= b < 1 for b in self.betas), f"optim.betas must be two numbers in [0, 1), got "
+               f"{list(self.betas)}")
+        _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
 
 
 @dataclass(frozen=True)
@@ -170,6 +180,10 @@ class RunConfig:
     steps: int | None = None  # total optimizer steps; when set it overrides epochs (He 2015: 64k)
     batch_size: int = 128  # global batch (per process: batch_size / world size)
     label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # mixup (Zhang et al. 2018): Beta(alpha, alpha) per batch; 0: off
+    cutmix_alpha: float = 0.0  # CutMix (Yun et al. 2019): Beta(alpha, alpha) per batch; 0: off
+    mix_prob: float = 1.0  # probability that a batch is mixed (when an alpha is > 0)
+    mix_switch_prob: float = 0.5  # both on: probability of CutMix rather than mixup for a mixed batch
     amp: str = "none"  # none | bf16 | fp16 (fp16 needs CUDA)
     channels_last: bool = False
     compile: bool = False
@@ -191,9 +205,20 @@ class RunConfig:
         _check(self.steps is None or self.steps >= 1, f"train.steps must be >= 1 or null, got {self.steps}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _check(0 <= self.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for k in ("mixup_alpha", "cutmix_alpha"):
+            v = getattr(self, k)
+            _check(v >= 0 and math.isfinite(v), f"train.{k} must be >= 0 (0 disables it), got {v}")
+        for k in ("mix_prob", "mix_switch_prob"):
+            _check(0 <= getattr(self, k) <= 1, f"train.{k} must be in [0, 1], got {getattr(self, k)}")
+        mixing = self.mixup_alpha > 0 or self.cutmix_alpha > 0
+        _check(mixing or (self.mix_prob == 1.0 and self.mix_switch_prob == 0.5),
+               "train.mix_prob and train.mix_switch_prob need train.mixup_alpha > 0 or train.cutmix_alpha > 0")
+        _check(self.mix_switch_prob == 0.5 or (self.mixup_alpha > 0 and self.cutmix_alpha > 0),
+               "train.mix_switch_prob chooses between mixup and CutMix; it needs both train.mixup_alpha and "
+               "train.cutmix_alpha > 0")
         _choice("train", "amp", self.amp, ("none", "bf16", "fp16"))
         _check(self.ema_decay is None or 0 < self.ema_decay < 1, "train.ema_decay must be in (0, 1) or null")
-        _check(self.seed >= 0, "train.seed must be >= 0")
+        _check(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"train.device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         _check(self.num_threads is None or self.num_threads >= 1, "train.num_threads must be >= 1 or null")
@@ -229,6 +254,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.data.mean is None or self.data.std is None or len(self.data.mean) == len(self.data.std),
                "data.mean and data.std must have one value per channel each")
+        for name in ("data", "optim", "schedule", "train", "eval"):  # nan/inf pass every range check
+            section = getattr(self, name)
+            for f in dataclasses.fields(section):
+                v = getattr(section, f.name)
+                for x in v if isinstance(v, tuple) else (v,):
+                    _check(not isinstance(x, float) or math.isfinite(x), f"{name}.{f.name} must be finite, got {v}")
 
 
 _SECTION_TYPES: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
@@ -239,6 +270,24 @@ FREE_FORM = {"model.kwargs"}  # any sub-key allowed
 def valid_keys() -> list[str]:
     """Every settable dotted key (``model.kwargs.*`` is free-form)."""
     return [f"{s}.{f.name}" for s, cls in _SECTION_TYPES.items() for f in dataclasses.fields(cls)]
+
+
+def _check_plain(value: Any, key: str) -> None:
+    """``value`` must be plain YAML data (what JSON holds too: run metadata is JSON) -- no dates,
+    bytes, sets, non-string keys or nan/inf, which a config would not survive a round trip with."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check(isinstance(k, str) and k != "", f"{key} keys must be non-empty names, got {k!r}")
+            _check_plain(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_plain(v, key)
+    elif isinstance(value, float):
+        _check(math.isfinite(value), f"{key} must be finite, got {value}")
+    else:
+        _check(value is None or isinstance(value, (str, int, bool)),
+               f"{key} must be a number, string, boolean, null, list or mapping; got {type(value).__name__} "
+               f"{value!r}")
 
 
 def _closest_key(key: str) -> str:
@@ -294,9 +343,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{key} must be a number, got {value!r}")
         try:
-            return float(value)  # also accepts "1e-4", which YAML 1.1 reads as a string
+            number = float(value)  # also accepts "1e-4", which YAML 1.1 reads as a string
         except (TypeError, ValueError):
             raise ValueError(f"{key} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -406,7 +458,9 @@ def load_config_dict(path: str | Path | None) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"config file {p} not found; pass a YAML file such as configs/he2015_resnet20_c10.yaml")
     try:
-        d = yaml.safe_load(p.read_text())
+        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not a UTF-8 text file ({e.reason} at byte {e.start}); pass a YAML config") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if d is None:

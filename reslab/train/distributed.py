@@ -2,6 +2,11 @@
 
 The engine calls :func:`init_distributed` once. Without the torchrun environment
 (``WORLD_SIZE`` unset or 1) it is a single process and nothing is initialised.
+
+Elastic restarts: ``torchrun --max-restarts K`` restarts the whole worker group when a worker
+dies and counts the restarts in ``TORCHELASTIC_RESTART_COUNT``; :func:`restart_count` reads it
+and the engine then continues the run from its last committed checkpoint (docs/training.md,
+"Many processes and machines").
 """
 from __future__ import annotations
 
@@ -42,6 +47,36 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def restart_count() -> int:
+    """How many times torchrun's elastic agent has restarted this worker group (0: first attempt or no torchrun)."""
+    raw = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    try:
+        return max(int(raw), 0)
+    except ValueError:
+        raise ValueError(f"TORCHELASTIC_RESTART_COUNT={raw!r} is not an integer; it is set by torchrun, "
+                         f"unset it when not launching with torchrun") from None
+
+
+def _restart_store(world_size: int) -> dist.Store | None:
+    """After an elastic restart: torchrun's store, with this attempt's keys apart from the last one's.
+
+    torchrun's agent keeps its TCPStore across restarts and its workers join it without a
+    prefix (``TORCHELASTIC_USE_AGENT_STORE=True``), so a restarted group would read the
+    addresses the dead group published and fail to connect (seen with torch 2.13 and gloo:
+    "Gloo connectFullMesh failed ... Connection refused"). The restart count scopes the keys;
+    it is the same on every worker as long as all agents restart together (a fixed set of
+    nodes). None on the first attempt or outside torchrun: the default ``env://`` setup.
+    """
+    attempt = restart_count()
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=default_pg_timeout)
+    return dist.PrefixStore(f"reslab/restart-{attempt}", store)
+
+
 def init_distributed(device_pref: str = "auto") -> DistInfo:
     """Join the torchrun job described by the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -54,7 +89,12 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
         torch.cuda.set_device(device)
     created = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _restart_store(world)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
         created = True
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
                     initialized_here=created)

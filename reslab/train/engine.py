@@ -6,7 +6,8 @@
 2. load the data (errors here leave nothing on disk), build the model, the optimizer,
    the schedule; refuse an existing run directory unless resuming;
 3. loop over epochs and steps: learning rate from the schedule, forward under
-   ``torch.autocast``, loss (optional label smoothing), backward, callbacks, SGD step,
+   ``torch.autocast``, loss (optional label smoothing; optional mixup / CutMix with soft
+   targets), backward, callbacks, SGD or AdamW step,
    EMA update; every ``log_every_steps`` a metrics record, every
    ``checkpoint_every_steps`` a checkpoint; at each epoch end an evaluation, the best and
    last checkpoints, and the epoch callbacks.
@@ -38,10 +39,13 @@ import torch.nn.functional as F
 
 from reslab.data import AugmentSpec, BatchAugment, EvalTransform, ImageDataset, TrainLoader, build_dataset
 from reslab.data import eval_batches
+from reslab.data.augment import MIX_SEED_TAG, MixSpec, apply_mix, mix_targets, sample_mix
+from reslab.data.loader import derive_seed
 from reslab.regularize import stochastic_depth as sd
 from reslab.train import checkpoint as ckpt
-from reslab.train.config import RunConfig, TrainConfig, config_diff, config_to_dict, dump_config, load_config
-from reslab.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from reslab.train.config import (OptimConfig, RunConfig, TrainConfig, config_diff, config_to_dict, dump_config,
+                                 load_config)
+from reslab.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, restart_count, shutdown
 from reslab.train.logging import MetricsLogger, environment
 from reslab.train.schedule import LRSchedule
 
@@ -129,6 +133,10 @@ def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, ImageDataset, ImageData
         mean=mean, std=std)
     if resolved.random_resized_crop and not is_folder:
         raise ValueError("data.random_resized_crop is only available for the folder data set")
+    side = int(train_set.images.shape[-1])
+    if resolved.pad_mode == "reflect" and not resolved.random_resized_crop and resolved.crop_padding >= side:
+        raise ValueError(f"data.crop_padding={resolved.crop_padding} with data.pad_mode=reflect must be less than the "
+                         f"stored image side {side}; lower it or use data.pad_mode=zeros")
     train_set = replace(train_set, mean=mean, std=std)
     eval_set = replace(eval_set, mean=mean, std=std)
     return replace(cfg, data=resolved), train_set, eval_set
@@ -149,7 +157,13 @@ def model_kwargs(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[int
     kwargs = dict(cfg.model.kwargs)
     if in_chans != 3 and "in_chans" not in kwargs:
         kwargs["in_chans"] = in_chans
-    return int(kwargs.pop("num_classes", num_classes)), kwargs
+    nc = kwargs.pop("num_classes", None)
+    if nc is None:
+        return num_classes, kwargs
+    if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
+        raise ValueError(f"model.kwargs.num_classes must be an integer >= 1 (or left out: the data set's count), "
+                         f"got {nc!r}")
+    return nc, kwargs
 
 
 def build_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
@@ -157,6 +171,44 @@ def build_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Modul
     from reslab import create_model
 
     return create_model(name, num_classes=num_classes, **kwargs)
+
+
+@torch.no_grad()
+def check_model_fits_data(model: nn.Module, data: ImageDataset, name: str, num_classes: int,
+                          device: torch.device) -> None:
+    """Refuse, before anything is written, a model that cannot train on ``data``: fewer outputs than
+    the data has classes, or a forward that fails on its images (e.g. ``model.kwargs.in_chans``
+    against RGB data). One eval-mode forward of two blank images: no RNG draw, no BN update."""
+    if num_classes < data.num_classes:
+        raise ValueError(f"model.kwargs.num_classes={num_classes} is less than the {data.num_classes} classes of "
+                         f"{data.name}; drop it (the data set's count is used) or raise it")
+    size = data.input_size
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(torch.zeros(2, data.channels, size, size, device=device))
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"model {name} cannot take the {data.channels}x{size}x{size} images of {data.name} "
+                         f"({first}); check model.kwargs (in_chans) and data.image_size") from None
+    finally:
+        model.train(was_training)
+    if out.ndim != 2 or out.shape[1] != num_classes:  # internal invariant of every reslab model
+        raise AssertionError(f"{name} returned logits of shape {tuple(out.shape)} for {num_classes} classes")
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov, no dampening) or AdamW (``betas``, ``eps``, decoupled weight
+    decay) over :func:`param_groups` (``decay_norm_and_bias`` applies to both)."""
+    groups = param_groups(model, optim.weight_decay, optim.decay_norm_and_bias)
+    if optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, dampening=0.0)
+
+
+def mix_spec(t: RunConfig) -> MixSpec:
+    """The batch-mixing settings (mixup / CutMix) of a run config."""
+    return MixSpec(t.mixup_alpha, t.cutmix_alpha, t.mix_prob, t.mix_switch_prob)
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict[str, Any]]:
@@ -284,7 +336,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     Args:
         cfg: the run's configuration (for ``resume``, see :func:`resume_config`).
         run_dir: the run directory; must not exist (or be empty) unless ``resume``.
-        resume: continue from the last checkpoint in ``run_dir``.
+        resume: continue from the last checkpoint in ``run_dir``. Implied when torchrun has
+            restarted the worker group (``TORCHELASTIC_RESTART_COUNT`` > 0) and ``run_dir`` holds
+            a run: the restarted group continues from the last committed checkpoint.
         callbacks: :class:`Callback` objects called from the loop.
         progress: force the tqdm bar on/off (default: ``cfg.train.progress``, terminals only).
     """
@@ -296,6 +350,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         callbacks = sd_callbacks(cfg) + callbacks
     info = init_distributed(cfg.train.device)
     try:
+        if not resume and restart_count() > 0 and (Path(run_dir) / "config.yaml").is_file():
+            # An elastic restart after a failed worker (docs/training.md, "Many processes and
+            # machines"); every rank sees the same files: rank 0 writes only after a barrier.
+            cfg, resume = resume_config(run_dir, cfg), True
         with _torch_settings(cfg.train, info.device):
             return _Trainer(cfg, Path(run_dir), resume, list(callbacks), progress, info).run()
     finally:
@@ -346,6 +404,7 @@ class _Trainer:
         self.num_classes, self.kwargs = model_kwargs(cfg, self.train_set.num_classes, self.train_set.channels)
         self._seed_everything(t.seed)
         self.model = build_model(cfg.model.name, self.num_classes, self.kwargs).to(info.device)
+        check_model_fits_data(self.model, self.train_set, cfg.model.name, self.num_classes, info.device)
         self.uses_sd = any(u.sd_mode != "off" for u in sd.residual_units(self.model))
         if self.uses_sd and getattr(getattr(self.model, "sd_config", None), "seed", None) is None:
             # Stochastic-depth gates: one stream derived from the run seed, rank 0's broadcast to
@@ -383,12 +442,11 @@ class _Trainer:
                                   data_on_device=on_device)
         self.spe = self.loader.steps_per_epoch
         self.total_steps = t.steps or t.epochs * self.spe
-        self.optimizer = torch.optim.SGD(
-            param_groups(self.model, cfg.optim.weight_decay, cfg.optim.decay_norm_and_bias), lr=cfg.optim.lr,
-            momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov, dampening=0.0)
+        self.optimizer = make_optimizer(self.model, cfg.optim)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, self.total_steps, self.spe)
         self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        self.mix = mix_spec(t)
         show = t.progress if progress is None else progress
         self.progress = show and info.is_main
 
@@ -430,7 +488,11 @@ class _Trainer:
         if cinfo.model != self.cfg.model.name or cinfo.model_kwargs != json.loads(json.dumps(self.kwargs)):
             raise ValueError(f"checkpoint {wpath} is a {cinfo.model} {cinfo.model_kwargs} but the config builds "
                              f"{self.cfg.model.name} {self.kwargs}; resume with the run's own config")
+        if cinfo.num_classes != self.num_classes:
+            raise ValueError(f"checkpoint {wpath} was written for {cinfo.num_classes} classes, so it does not fit "
+                             f"this run's {self.num_classes}")
         state = ckpt.load_state(spath)
+        ckpt.check_train_state(state, spath)
         if state["step"] != cinfo.step:
             raise ValueError(f"{spath} (step {state['step']}) does not belong to {wpath} (step {cinfo.step})")
         weights, ema = ckpt.split_ema(tensors)
@@ -439,21 +501,47 @@ class _Trainer:
             if not ema:
                 raise ValueError(f"{wpath} has no EMA weights but train.ema_decay is set; resume with the saved config")
             ckpt.load_into(self.ema.module, ema, wpath, cinfo.model)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        rng = state["rng"]
-        ckpt.restore_rng(rng[self.info.rank] if self.info.rank < len(rng) else rng[0])
-        if state.get("gates") is not None:  # stochastic-depth gate stream (identical on every rank)
-            sd.set_gate_state(self.model, state["gates"])
+        try:  # a state that passed check_train_state but does not fit this optimizer/schedule/RNG
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            rng = state["rng"]
+            ckpt.restore_rng(rng[self.info.rank] if self.info.rank < len(rng) else rng[0])
+            if state.get("gates") is not None:  # stochastic-depth gate stream (identical on every rank)
+                sd.set_gate_state(self.model, state["gates"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            raise ValueError(f"training state {spath} does not fit this run ({type(e).__name__}: {first}); "
+                             f"resume needs the state written with its weights by reslab train") from None
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.perm = state["perm"] if self.step_in_epoch > 0 else None
         self.best = dict(state.get("best") or {})
         self.final = dict(state.get("final") or {})
-        self.sums = state["sums"].to(self.info.device)
-        self.interval = state["interval"].to(self.info.device)
+        # Each rank's running sums (loss, correct, count) since the epoch / log interval began; a state
+        # written by one process holds one (3,) vector, one written under DDP a row per rank; and a different world size restarts from rank 0's row.
+        sums, interval = state["sums"], state["interval"]
+        if sums.dim() == 2:
+            r = self.info.rank if sums.shape[0] == self.info.world_size else 0
+            sums, interval = sums[r], interval[r]
+            if r == 0 and self.info.rank != 0:
+                sums, interval = torch.zeros_like(sums), torch.zeros_like(interval)
+        self.sums = sums.to(self.info.device)
+        self.interval = interval.to(self.info.device)
+
+    def _gather_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's running (loss, correct, count) sums, one row per rank, so that a resumed group
+        reports the same epoch and interval means as an uninterrupted one (bit for bit)."""
+        own = torch.stack([self.sums.detach().cpu(), self.interval.detach().cpu()])
+        if not self.info.distributed:
+            return own[0].clone(), own[1].clone()
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.info.world_size
+        dist.all_gather_object(out, own)
+        rows = torch.stack(out)
+        return rows[:, 0].clone(), rows[:, 1].clone()
 
     def _gather_rng(self) -> list[dict[str, Any]]:
         own = ckpt.capture_rng()
@@ -474,6 +562,7 @@ class _Trainer:
         """Checkpoint the current state (every rank joins the RNG gather; rank 0 writes)."""
         self._check_finite()
         rng = self._gather_rng()
+        sums, interval = self._gather_sums()
         if not self.info.is_main:
             return
         tensors = dict(self.model.state_dict())
@@ -483,7 +572,7 @@ class _Trainer:
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng,
                  "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                  "perm": perm if perm is not None else torch.zeros(0, dtype=torch.int64),
-                 "best": self.best, "final": self.final, "sums": self.sums.cpu(), "interval": self.interval.cpu(),
+                 "best": self.best, "final": self.final, "sums": sums, "interval": interval,
                  "world_size": self.info.world_size, "gates": self._gate_state()}
         ckpt.write_step_checkpoint(self.run_dir, self.global_step, tensors,
                                    self._metadata("ema" if self.ema else "model", self.final), state)
@@ -505,9 +594,10 @@ class _Trainer:
 
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if int(bad) >= 0:
-            raise TrainingDiverged(f"the loss became NaN/inf at step {int(bad) + 1}; the run stopped and "
-                                   f"{self.run_dir}/checkpoints keeps the last good state (lower optim.lr, or "
-                                   f"check the data)")
+            kept = (f"{self.run_dir}/checkpoints keeps the last good state"
+                    if (self.run_dir / ckpt.CKPT_DIR / "last.json").exists() else "no checkpoint had been written")
+            raise TrainingDiverged(f"the loss became NaN/inf at step {int(bad) + 1}; the run stopped and {kept} "
+                                   f"(lower optim.lr, or check the data)")
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -533,9 +623,22 @@ class _Trainer:
             while self.global_step < self.total_steps:
                 perm = self.perm if self.perm is not None else self.loader.permutation(self.epoch)
                 self.perm = None
-                steps_here = min(self.spe, self.total_steps - self.epoch * self.spe)
+                # Steps left bound this epoch (not epoch * spe: a run resumed with a larger train.steps
+                # may have ended an earlier epoch early; that formula then gave 0 steps, forever).
+                steps_here = min(self.spe, self.step_in_epoch + self.total_steps - self.global_step)
                 for i in range(self.step_in_epoch, steps_here):
                     x, y = self.loader.batch(self.epoch, i, perm)
+                    target, y_acc = y, y
+                    if self.mix.enabled:
+                        # One draw per global step, the same on every rank; each rank pairs within its
+                        # own batch. A pure function of (seed, epoch, step), so resume stays exact.
+                        rng = np.random.default_rng(derive_seed(t.seed, MIX_SEED_TAG, self.epoch, i))
+                        mp = sample_mix(self.mix, x.shape[-2], x.shape[-1], rng)
+                        if mp.kind != "none":
+                            x = apply_mix(x, mp)
+                            # label smoothing is folded into the soft targets (criterion smoothing is not reused)
+                            target = mix_targets(y, self.num_classes, mp.lam, t.label_smoothing)
+                            y_acc = y if mp.lam >= 0.5 else y.flip(0)  # train accuracy: the larger weight
                     if t.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     lr = self.schedule.lr(self.global_step)
@@ -543,7 +646,8 @@ class _Trainer:
                         g["lr"] = lr
                     with _autocast(info.device, t.amp):
                         logits = self.forward_model(x)
-                    loss = self.criterion(logits.float(), y)
+                    loss = (self.criterion(logits.float(), y) if target is y
+                            else F.cross_entropy(logits.float(), target))
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.scaler is not None:
                         self.scaler.scale(loss).backward()
@@ -566,7 +670,7 @@ class _Trainer:
                         n = y.numel()
                         batch = torch.full((3,), float(n), dtype=torch.float64, device=y.device)
                         batch[0] = loss.detach().double() * n
-                        batch[1] = (logits.argmax(1) == y).sum()
+                        batch[1] = (logits.argmax(1) == y_acc).sum()
                         self.interval += batch
                         self.sums += batch
                         bad_now = ~torch.isfinite(loss.detach())
