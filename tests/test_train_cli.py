@@ -65,3 +65,15 @@ def test_cli_refusals(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "cifar10 not found" in capsys.readouterr().err and not (tmp_path / "r5").exists()
     assert main(["eval", str(tmp_path / "nothing"), "--json"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_off_a_terminal_train_prints_a_line_per_epoch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 11 item 7: with the bar off (stderr is not a terminal) every epoch still reports on stderr;
+    --no-progress silences it."""
+    args = ["train", "--model", "cifar_resnet20", "--data", "synthetic", "--epochs", "2",
+            "--set", "data.num_train=64", "--set", "data.num_test=32", "--set", "train.batch_size=32"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "epoch 1/2: step 2, train loss" in err and "epoch 2/2: step 4" in err and "test top1" in err
+    assert main(args + ["--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "epoch 1/2" not in capsys.readouterr().err

@@ -33,7 +33,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="batch", help="batch (paper), batch-mask or row")
     p.add_argument("--out", required=True, help="output directory (one run directory per variant inside)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="training progress bars (default: on a terminal only)")
+                   help="training progress: a bar on a terminal, a line per epoch otherwise (default: on)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -119,10 +119,11 @@ def run_schedule(args: argparse.Namespace) -> int:
 
 # ---- training experiments --------------------------------------------------------------------------
 def _show_progress(args: argparse.Namespace) -> bool:
-    """--progress / --no-progress, else bars when stderr is a terminal."""
+    """--progress / --no-progress; default on (a bar on a terminal, a line per epoch otherwise)."""
     import sys
 
-    return sys.stderr.isatty() if args.progress is None else bool(args.progress)
+    # Default on: the engine shows a bar on a terminal and a line per epoch otherwise.
+    return True if args.progress is None else bool(args.progress)
 
 
 def _base_config(args: argparse.Namespace):

@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -385,6 +386,17 @@ def _torch_settings(t: RunConfig, device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.benchmark = before[2]
 
 
+def _epoch_line(record: dict[str, Any], epochs: int, elapsed: float) -> str:
+    """One progress line for an epoch record (stderr, when the tqdm bar is off)."""
+    text = (f"epoch {record['epoch']}/{epochs}: step {record['step']}, train loss {record['train_loss']:.4f}, "
+            f"train acc {100 * record['train_acc']:.2f}%")
+    if "test_top1" in record:
+        text += f", test top1 {100 * record['test_top1']:.2f}%"
+        if "test_top1_single" in record:
+            text += f" (single view {100 * record['test_top1_single']:.2f}%)"
+    return text + f", {elapsed / 60:.1f} min"
+
+
 class _Trainer:
     """State of one run; ``run()`` is the loop. Split into methods only where it helps reading."""
 
@@ -617,6 +629,9 @@ class _Trainer:
         bar = tqdm(total=self.total_steps * t.batch_size, initial=self.global_step * t.batch_size, unit="img",
                    unit_scale=True, dynamic_ncols=True, disable=None if self.progress else True,
                    desc=f"{cfg.model.name}")
+        # Off a terminal the bar is off: a line per epoch on stderr instead, so no run is silent for minutes.
+        self._line_progress = self.progress and bool(bar.disable)
+        self._t_start = time.perf_counter()
         t_log = time.perf_counter()
         self.forward_model.train()
         try:
@@ -708,6 +723,10 @@ class _Trainer:
         return TrainResult(run_dir=self.run_dir, config=cfg, steps=self.global_step, epochs=self.epoch,
                            final=self.final, best=self.best, history=self.history)
 
+    def total_epochs_hint(self) -> int:
+        """Epochs this run will complete (total steps over steps per epoch, rounded up)."""
+        return -(-self.total_steps // max(self.spe, 1))
+
     def _end_epoch(self) -> None:
         cfg, info = self.cfg, self.info
         self._check_finite()
@@ -729,6 +748,9 @@ class _Trainer:
                 self._save_best(metrics)
         self.logger.log(record)
         self.history.append(record)
+        if getattr(self, "_line_progress", False):
+            print(f"{self.run_dir.name}: " + _epoch_line(record, self.total_epochs_hint(), time.perf_counter() - self._t_start),
+                  file=sys.stderr, flush=True)
         self.step_in_epoch = 0
         self.sums.zero_()
         self._save(None)
