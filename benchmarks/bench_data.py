@@ -6,7 +6,7 @@ Measures, in one run and with the same thread settings:
   * training: images/s of cifar_resnet20 SGD steps (forward + backward + update) at batch 128;
 and prints their ratio (should be >= 10). ``--json`` prints one object ``{"ratio": ...}``.
 
-    python benchmarks/bench_data.py [--json] [--data-dir /work/data] [--threads N]
+    python benchmarks/bench_data.py [--json] [--data-dir DATA] [--threads N]
 """
 from __future__ import annotations
 
