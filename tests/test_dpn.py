@@ -274,7 +274,7 @@ def test_timm_key_mapping_round_trip_and_layout():
 
 @pytest.mark.parametrize("timm_name,b", [("dpn68", False), ("dpn68b", True)])
 def test_outputs_equal_timm_dpn68_with_the_same_weights(timm_name, b):
-    # Runs where timm is installed (e.g. PYTHONPATH=. /work/tvenv/bin/python -m pytest tests/test_dpn.py).
+    # Runs where timm is installed (e.g. PYTHONPATH=. TIMM_VENV/bin/python -m pytest tests/test_dpn.py).
     timm = pytest.importorskip("timm")
     ref = randomize_bn(timm.create_model(timm_name, pretrained=False)).double()
     ours = reslab.create_model("dpn68", b=b).double()
