@@ -518,40 +518,13 @@ class FractalColumnNet(nn.Module):
     def residual_units(self) -> list:
         return []
 
-    @torch.no_grad()
     def recalibrate_bn(self, batches: Iterable[Any], n_batches: int = 50) -> "FractalColumnNet":
-        """Re-estimate every BatchNorm's running statistics on up to ``n_batches`` of ``batches``
-        (tensors or ``(input, ...)`` tuples): reset, then train-mode BN forwards without gradients
-        with a cumulative average (``momentum=None``); other modules stay in eval mode (dropout
-        off). Restores the ``training`` flags and momenta. The algorithm of
-        :func:`reslab.analysis.bn.recalibrate_bn` (tested equal), kept in ``models`` because a
-        model may not import ``analysis`` (design.md, layers). Returns ``self``."""
-        if n_batches < 1:
-            raise ValueError(f"n_batches must be >= 1, got {n_batches}")
-        bns = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if not bns:
-            return self
-        modes = {m: m.training for m in self.modules()}
-        momenta = {bn: bn.momentum for bn in bns}
-        try:
-            self.eval()
-            for bn in bns:
-                bn.reset_running_stats()
-                bn.momentum = None
-                bn.train()
-            seen = 0
-            for batch in batches:
-                self(batch[0] if isinstance(batch, (tuple, list)) else batch)
-                seen += 1
-                if seen >= n_batches:
-                    break
-            if seen == 0:
-                raise ValueError("recalibrate_bn got no batches; pass a non-empty loader")
-        finally:
-            for m, t in modes.items():
-                m.training = t
-            for bn, mom in momenta.items():
-                bn.momentum = mom
+        """Re-estimate every BatchNorm's running statistics on up to ``n_batches`` of ``batches`` with
+        :func:`reslab.models.bn.recalibrate_bn` (reset, cumulative average, other modules in eval mode).
+        Returns ``self``."""
+        from reslab.models.bn import recalibrate_bn
+
+        recalibrate_bn(self, batches, n_batches)
         return self
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
