@@ -3,8 +3,10 @@
 Huang et al. 2016 (arXiv 1603.09382, Table 2) report ~25% less wall-clock time for ResNet-110
 with p_L = 0.5 (linear rule): a dropped unit's branch is not computed. This script times full
 training steps (forward, backward, SGD step) of ``cifar_resnet110`` with stochastic depth
-(``batch`` mode, p_L = 0.5, linear rule) and with constant depth, alternately in one process
-(median over repeats), and prints the ratio; it also times the per-sample ``row`` mode, which
+(``batch`` mode, p_L = 0.5, linear rule) and with constant depth, interleaved in short rounds in
+one process with the threads fixed and the process pinned to its cores, and prints the median of the
+per-round ratios with its spread (IQR, range), warning when the constant-depth rounds (the same
+work each time) differ by more than 5% (IQR / median): a machine too noisy to trust; it also times the per-sample ``row`` mode, which
 computes every branch and so cannot save time (ratio ~1 or above).
 
     python benchmarks/bench_sd.py              # table
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -62,17 +65,49 @@ def time_steps(step, n: int, device: torch.device) -> tuple[float, float]:
     return (time.perf_counter() - w0) / n, (time.process_time() - c0) / n
 
 
-def _timed(fns: dict, steps: int, repeats: int, warmup: int, dev: torch.device) -> tuple[dict, dict]:
+def _rounds(fns: dict, steps: int, repeats: int, warmup: int, dev: torch.device
+            ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per-round (wall, CPU) seconds per step of every variant: short rounds, the variants interleaved
+    within each round (in an order that rotates from round to round), so a change of load on a shared
+    machine hits every variant alike and shows up as spread between rounds."""
     for fn in fns.values():  # warm up (allocator, cudnn autotune, first touch)
         time_steps(fn, warmup, dev)
+    names = list(fns)
     wall: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):  # alternate, so that load changes hit every variant alike
-        for k, fn in fns.items():
-            w, c = time_steps(fn, steps, dev)
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            w, c = time_steps(fns[k], steps, dev)
             wall[k].append(w)
             cpu[k].append(c)
+    return wall, cpu
+
+
+def _timed(fns: dict, steps: int, repeats: int, warmup: int, dev: torch.device) -> tuple[dict, dict]:
+    wall, cpu = _rounds(fns, steps, repeats, warmup, dev)
     return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+
+
+def _iqr(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+def ratio_stats(num: list[float], den: list[float], noisy_spread: float = 0.05) -> dict:
+    """Median of the per-round ratios ``num[i] / den[i]`` with its spread (interquartile range, min/max).
+
+    The spread of the ratios also holds the stochastic-depth variant's own variation (each round draws
+    new gates), so machine noise is judged on the deterministic denominator (constant depth): ``noisy``
+    when its per-round times have an IQR above ``noisy_spread`` of their median, i.e. the same work took
+    visibly different time from round to round and the ratio is not to be trusted."""
+    if not num or len(num) != len(den):
+        raise ValueError("ratio_stats needs two equally long, non-empty lists of timings")
+    ratios = [a / b for a, b in zip(num, den)]
+    machine = _iqr(den) / statistics.median(den)
+    return {"median": statistics.median(ratios), "iqr": _iqr(ratios), "min": min(ratios), "max": max(ratios),
+            "rounds": ratios, "machine_spread": machine, "noisy": bool(machine > noisy_spread)}
 
 
 def _fresh(model_name: str, state: dict, dev: torch.device, fmt: torch.memory_format) -> nn.Module:
@@ -110,8 +145,12 @@ def run(model_name: str = "cifar_resnet110", batch: int = 128, steps: int = 4, r
         depth[name] = model_expected_depth(m)
         active[name] = []
         fns[name] = make_step(m, x, y, active[name])
-    wall, cpu = _timed(fns, steps, repeats, warmup, dev)
+    wall_r, cpu_r = _rounds(fns, steps, repeats, warmup, dev)
+    wall = {k: statistics.median(v) for k, v in wall_r.items()}
+    cpu = {k: statistics.median(v) for k, v in cpu_r.items()}
     med = cpu if clock == "cpu" else wall
+    rounds = cpu_r if clock == "cpu" else wall_r
+    stats = ratio_stats(rounds["batch"], rounds["constant"])
     n_warm = warmup
     out = {
         "model": model_name, "device": str(dev), "batch": batch, "steps": steps, "repeats": repeats,
@@ -119,11 +158,14 @@ def run(model_name: str = "cifar_resnet110", batch: int = 128, steps: int = 4, r
         "clock": clock, "units": len(base.residual_units()), "expected_active_units": depth["batch"],
         "mean_active_units_timed": {k: statistics.fmean(v[n_warm:]) for k, v in active.items()},
         "step_s": med, "wall_step_s": wall, "cpu_step_s": cpu,
-        "ratio": med["batch"] / med["constant"],
+        "ratio": stats["median"], "ratio_iqr": stats["iqr"], "ratio_min": stats["min"], "ratio_max": stats["max"],
+        "ratio_rounds": stats["rounds"], "machine_spread": stats["machine_spread"], "noisy": stats["noisy"],
+        "round_step_s": {k: v for k, v in rounds.items()},
+        "ratio_of_medians": med["batch"] / med["constant"],
         "wall_ratio": wall["batch"] / wall["constant"], "cpu_ratio": cpu["batch"] / cpu["constant"],
     }
     if row:
-        out["row_ratio"] = med["row"] / med["constant"]
+        out["row_ratio"] = ratio_stats(rounds["row"], rounds["constant"])["median"]
     if explain:
         out["explain"] = _explain(model_name, state, variants["batch"], x, y, dev, fmt, steps, repeats, clock)
     return out
@@ -159,11 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="cifar_resnet110")
     ap.add_argument("--batch", type=int, default=128, help="batch size (default 128, the paper's)")
-    ap.add_argument("--steps", type=int, default=4, help="training steps per timed block")
-    ap.add_argument("--repeats", type=int, default=5, help="alternating timed blocks per variant (median)")
+    ap.add_argument("--steps", type=int, default=2, help="training steps per variant in one round")
+    ap.add_argument("--repeats", type=int, default=11, help="interleaved rounds (median ratio and its spread)")
     ap.add_argument("--final-survival", type=float, default=0.5)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads, fixed for the whole run (default 1; 0: torch's default)")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                    help="pin the process to as many CPU cores as --threads (Linux; default on)")
     ap.add_argument("--clock", default="auto", choices=("auto", "cpu", "wall"),
                     help="auto: process CPU time on the CPU, wall clock on CUDA")
     ap.add_argument("--no-row", action="store_true", help="skip the row-mode comparison")
@@ -173,10 +218,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time each stage's units (lesioned) and print the time-weighted bound on the ratio")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if a.threads < 0:
+        raise SystemExit("bench_sd: --threads must be >= 0 (0: torch's default)")
     if a.threads:
         torch.set_num_threads(a.threads)
+        torch.set_num_interop_threads(1)
+        if a.pin and hasattr(os, "sched_setaffinity"):
+            cores = sorted(os.sched_getaffinity(0))[: a.threads]
+            os.sched_setaffinity(0, cores)
     r = run(a.model, a.batch, a.steps, a.repeats, final_survival=a.final_survival, device=a.device,
             row=not a.no_row, channels_last=a.channels_last, explain=a.explain, clock=a.clock)
+    if r["noisy"]:
+        print(f"bench_sd: warning: the same constant-depth steps took {100 * r['machine_spread']:.1f}% different "
+              f"time from round to round (IQR / median > 5%): the machine was too noisy to trust the ratio "
+              f"{r['ratio']:.3f}; rerun on a quiet machine", file=sys.stderr)
     if a.json:
         print(json.dumps(r))
         return 0
@@ -187,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     for k in r["step_s"]:
         print(f"  {k:9s} {r['cpu_step_s'][k] * 1000:8.1f} ms CPU  {r['wall_step_s'][k] * 1000:8.1f} ms wall per step"
               f"   (units run per step: {r['mean_active_units_timed'][k]:.1f})")
-    print(f"ratio (batch / constant, {r['clock']} clock) = {r['ratio']:.3f}  (target <= 0.80); "
-          f"cpu {r['cpu_ratio']:.3f}, wall {r['wall_ratio']:.3f}")
+    print(f"ratio (batch / constant, {r['clock']} clock, median of {len(r['ratio_rounds'])} rounds) = "
+          f"{r['ratio']:.3f}  (target <= 0.80); IQR {r['ratio_iqr']:.3f}, range {r['ratio_min']:.3f}-"
+          f"{r['ratio_max']:.3f}; cpu {r['cpu_ratio']:.3f}, wall {r['wall_ratio']:.3f} (ratios of medians); "
+          f"machine spread {100 * r['machine_spread']:.1f}% (constant-depth rounds, IQR / median)")
     if "row_ratio" in r:
         print(f"row ratio (row / constant) = {r['row_ratio']:.3f}  (no savings expected)")
     if "explain" in r:

@@ -152,3 +152,22 @@ def test_interrupted_variant_resumes(tmp_path):
     (run / RESULT_FILE).unlink()  # as if the process had died before writing the result
     again = train_variant(replace(cfg, train=replace(cfg.train, epochs=2)), run)
     assert again["epochs"] == 2 and again["steps"] == 4  # continued, not restarted or refused
+
+
+def test_bench_sd_ratio_stats_median_spread_and_noise_flag():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sd", ROOT / "benchmarks" / "bench_sd.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # Gate randomness spreads the SD variant's rounds; a steady constant-depth variant means a quiet machine.
+    quiet = mod.ratio_stats([0.72, 0.91, 0.80, 0.78, 0.85], [1.0, 1.01, 0.99, 1.0, 1.0])
+    assert quiet["median"] == pytest.approx(0.80, abs=0.01) and not quiet["noisy"] and quiet["min"] == pytest.approx(0.72)
+    assert quiet["iqr"] > 0.05
+    # Rounds where the load hit the constant variant: the same work took different time -> noisy.
+    loud = mod.ratio_stats([0.8, 0.8, 0.8, 0.8, 0.8, 0.8], [1.0, 1.0, 1.0, 1.3, 0.7, 1.2])
+    assert loud["median"] == pytest.approx(0.8) and loud["noisy"] and loud["max"] == pytest.approx(0.8 / 0.7)
+    with pytest.raises(ValueError):
+        mod.ratio_stats([], [])
+    r = mod.run("cifar_resnet20", batch=4, steps=1, repeats=3, warmup=1)
+    assert len(r["ratio_rounds"]) == 3 and r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
