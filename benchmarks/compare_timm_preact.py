@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -22,17 +23,8 @@ import torch.nn as nn
 import reslab
 from reslab.models.interop import from_timm_resnetv2
 
-
-def _randomize_bn(model: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/_helpers.py
+from tests._helpers import randomize_bn  # noqa: E402  (the suite's own BN randomiser, same statistics)
 
 
 def _params(model: nn.Module) -> int:
@@ -44,7 +36,7 @@ def compare(depth: int, image_size: int, batch: int, seed: int) -> dict:
 
     torch.manual_seed(seed)
     tm = timm.create_model(f"resnetv2_{depth}")
-    _randomize_bn(tm, seed)
+    randomize_bn(tm, seed)
     name = f"preact_resnet{depth}"
     ours = reslab.create_model(name)
     ours.load_state_dict(from_timm_resnetv2(tm.state_dict(), name=name), strict=True)
