@@ -29,11 +29,13 @@ def training_curves(runs: Mapping[str, str | os.PathLike], path: str | os.PathLi
         ax_loss.plot(ep, [r["train_loss"] for r in epochs], color=color, marker="o", ms=3, label=label)
         ax_err.plot(ep, [100 * (1 - r["train_acc"]) for r in epochs], color=color, ls="--", marker="x", ms=4,
                     label=f"{label} train")
-        test = [(r["epoch"], 100 * (1 - r["test_top1"])) for r in epochs if "test_top1" in r]
-        if test:
-            ax_err.plot(*zip(*test), color=color, marker="o", ms=3, label=f"{label} test")
+        for split in ("val", "test"):
+            ev = [(r["epoch"], 100 * (1 - r[f"{split}_top1"])) for r in epochs if f"{split}_top1" in r]
+            if ev:
+                ax_err.plot(*zip(*ev), color=color, marker="o" if split == "test" else "s", ms=3,
+                            label=f"{label} {split}")
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
-    ax_err.set(xlabel="epoch", title="error (dashed: train, solid: test)")
+    ax_err.set(xlabel="epoch", title="error (dashed: train, solid: val or test, as labelled)")
     error_axis(ax_err, "top-1 error")
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3)

@@ -199,6 +199,7 @@ class RunConfig:
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
     ddp_find_unused_parameters: bool = False
     sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only)
+    grad_probe: str | None = None  # first_conv | unit0_convs: per-epoch mean |grad| (reslab.train.probes)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
@@ -224,6 +225,8 @@ class RunConfig:
         _check(self.num_threads is None or self.num_threads >= 1, "train.num_threads must be >= 1 or null")
         _check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0: epoch ends only)")
         _check(self.log_every_steps >= 1, "train.log_every_steps must be >= 1")
+        _check(self.grad_probe in (None, "first_conv", "unit0_convs"), "train.grad_probe must be first_conv, "
+               f"unit0_convs or null; got {self.grad_probe!r}")
 
 
 @dataclass(frozen=True)

@@ -390,10 +390,11 @@ def _epoch_line(record: dict[str, Any], epochs: int, elapsed: float) -> str:
     """One progress line for an epoch record (stderr, when the tqdm bar is off)."""
     text = (f"epoch {record['epoch']}/{epochs}: step {record['step']}, train loss {record['train_loss']:.4f}, "
             f"train acc {100 * record['train_acc']:.2f}%")
-    if "test_top1" in record:
-        text += f", test top1 {100 * record['test_top1']:.2f}%"
-        if "test_top1_single" in record:
-            text += f" (single view {100 * record['test_top1_single']:.2f}%)"
+    for split in ("val", "test"):
+        if f"{split}_top1" in record:
+            text += f", {split} top1 {100 * record[f'{split}_top1']:.2f}%"
+            if f"{split}_top1_single" in record:
+                text += f" (single view {100 * record[f'{split}_top1_single']:.2f}%)"
     return text + f", {elapsed / 60:.1f} min"
 
 
@@ -467,6 +468,10 @@ class _Trainer:
         self.perm: torch.Tensor | None = None
         self.best: dict[str, Any] = {}
         self.final: dict[str, Any] = {}
+        self.eval_split = "val" if cfg.data.val_split else "test"
+        from reslab.train.probes import GradientProbe
+
+        self.probe = GradientProbe(self.model, cfg.train.grad_probe) if cfg.train.grad_probe else None
         self.sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # epoch: loss*n, correct, n
         self.interval = torch.zeros(3, dtype=torch.float64, device=info.device)  # the same since the last log
         self.history: list[dict[str, Any]] = []
@@ -670,6 +675,8 @@ class _Trainer:
                         loss.backward()
                     if self.scaler is not None and self.callbacks:
                         self.scaler.unscale_(self.optimizer)  # callbacks see true gradients
+                    if self.probe is not None:
+                        self.probe.after_backward()
                     for cb in self.callbacks:
                         cb.after_backward(self.model, self.global_step)
                     if self.scaler is not None:
@@ -742,10 +749,17 @@ class _Trainer:
             metrics = evaluate(model, self.eval_set, cfg.eval.batch_size, cfg.eval.tta, info.device,
                                cfg.train.amp, cfg.train.channels_last, info)
             self.final = {**metrics, "epoch": self.epoch, "step": self.global_step}
-            record.update({f"test_{k}": v for k, v in metrics.items() if k not in ("n",)})
-            if not self.best or metrics["top1"] > self.best["top1"]:
+            # Label by split: with data.val_split the evaluation set is the held-out part of the
+            # training set ("val_*"); otherwise the test set ("test_*"). The best checkpoint is
+            # chosen on a validation split only, never on the test set.
+            split = self.eval_split
+            self.final["split"] = split
+            record.update({f"{split}_{k}": v for k, v in metrics.items() if k not in ("n",)})
+            if split == "val" and (not self.best or metrics["top1"] > self.best["top1"]):
                 self.best = dict(self.final)
                 self._save_best(metrics)
+        if self.probe is not None:
+            record.update(self.probe.record())
         self.logger.log(record)
         self.history.append(record)
         if getattr(self, "_line_progress", False):
