@@ -100,7 +100,8 @@ def test_train_writes_a_complete_run_dir(tmp_path: Path) -> None:
     epochs = [r for r in recs if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2] and all("test_top1" in r for r in epochs)
     files = {p.name for p in (run / "checkpoints").iterdir()}
-    assert files == {"best.safetensors", "last.json", "step-00000008.safetensors", "step-00000008.state.pt"}
+    # no validation split: no best checkpoint (it would be chosen on the test set)
+    assert files == {"last.json", "step-00000008.safetensors", "step-00000008.state.pt"}
     _, meta = ckpt.load_weights(run / "checkpoints" / "step-00000008.safetensors")
     assert meta["model"] == "cifar_resnet20" and json.loads(meta["model_kwargs"]) == {}
     state = torch.load(run / "checkpoints" / "step-00000008.state.pt", weights_only=True)
@@ -189,3 +190,39 @@ def test_image_folder_end_to_end(tmp_path: Path) -> None:
     res = train(cfg, tmp_path / "run")
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.data.random_resized_crop is True and saved.data.crop_padding == 0 and res.final["n"] == 8
+
+
+def test_evaluations_are_labelled_by_split_and_best_is_chosen_on_validation_only(tmp_path: Path) -> None:
+    """Issue 9 fix a: with data.val_split the epoch records say val_*, best.safetensors is the best
+    validation epoch; without one they say test_* and no best checkpoint exists (never chosen on test)."""
+    res = train(tiny_cfg("data.val_split=16", "train.epochs=3"), tmp_path / "val")
+    epochs = [r for r in read_metrics(tmp_path / "val") if r["kind"] == "epoch"]
+    assert all("val_top1" in r and "test_top1" not in r for r in epochs)
+    best_epoch = max(epochs, key=lambda r: r["val_top1"])["epoch"]  # first of the maxima, as the engine keeps
+    assert res.best["epoch"] == best_epoch and res.best["split"] == "val" == res.final["split"]
+    assert (tmp_path / "val" / "checkpoints" / "best.safetensors").is_file()
+    res = train(tiny_cfg(), tmp_path / "test")
+    assert res.best == {} and res.final["split"] == "test"
+    assert not (tmp_path / "test" / "checkpoints" / "best.safetensors").exists()
+
+
+def test_grad_probe_records_the_first_conv_of_the_first_unit(tmp_path: Path) -> None:
+    """train.grad_probe (Huang et al. 2016 §5): per-epoch mean |grad| of the first conv of the first
+    residual block, equal to what a callback reading that weight's gradient measures."""
+    from reslab.train.probes import probe_parameters
+
+    seen: list[float] = []
+
+    class Probe(Callback):
+        def after_backward(self, model, step):
+            w = probe_parameters(model, "first_conv")[0]
+            first = next(m for m in model.residual_units()[0].branch.modules() if isinstance(m, torch.nn.Conv2d))
+            assert w is first.weight
+            seen.append(float(w.grad.abs().mean()))
+
+    train(tiny_cfg("train.grad_probe=first_conv", "train.epochs=1"), tmp_path / "r", callbacks=[Probe()])
+    rec = [r for r in read_metrics(tmp_path / "r") if r["kind"] == "epoch"][0]
+    assert rec["grad_probe"] == "first_conv" and rec["grad_probe_steps"] == rec["grad_probe_steps_ran"] == len(seen)
+    assert abs(rec["grad_abs_mean"] - sum(seen) / len(seen)) <= 1e-6 * abs(rec["grad_abs_mean"])
+    with pytest.raises(ValueError, match="train.grad_probe must be"):
+        tiny_cfg("train.grad_probe=conv0")

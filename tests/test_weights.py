@@ -231,7 +231,7 @@ def test_create_model_pretrained_errors_and_num_classes(tiny_run: Path, tmp_path
     # publish never takes a checkpoint chosen on the test set, and does not overwrite
     capsys.readouterr()
     assert _publish(tiny_run, "best", "--which", "best") == 2
-    assert "selected on the test set" in capsys.readouterr().err
+    assert "no best checkpoint (best is chosen on a validation split" in capsys.readouterr().err
     assert _publish(tiny_run, "nc", "--out", str(out)) == 2
     assert "--force" in capsys.readouterr().err
 
@@ -240,7 +240,9 @@ def test_cifar10_card_says_jpeg_and_gives_the_official_command(tiny_run: Path, t
     """A CIFAR-10 run (its checkpoint's config says cifar10; no data is read without --data-dir)."""
     from reslab.train.checkpoint import load_weights, save_weights
 
-    tensors, meta = load_weights(tiny_run / "checkpoints" / "best.safetensors")
+    from reslab.train.checkpoint import resolve_checkpoint
+
+    tensors, meta = load_weights(resolve_checkpoint(tiny_run, "last"))
     cfg = json.loads(meta["config"])
     cfg["data"].update(name="cifar10", image_size=None, data_dir=str(tmp_path / "machine" / "data"))
     fake = tmp_path / "c10" / "model-step2.safetensors"

@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
         best, final = result.best, result.final
         msg = f"{out}: {result.steps} steps, {result.epochs} epochs"
         if final:
-            msg += f"; final top1 {final['top1']:.4f} (tta {final['tta']}), best {best['top1']:.4f} " \
-                   f"at epoch {best['epoch']}"
+            split = final.get("split", "test")
+            msg += f"; final {split} top1 {final['top1']:.4f} (tta {final['tta']})"
+            if best:  # chosen on the validation split only
+                msg += f", best val top1 {best['top1']:.4f} at epoch {best['epoch']}"
         print(msg)
     return 0

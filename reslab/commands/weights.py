@@ -208,6 +208,9 @@ def publish(run: str | os.PathLike, tag: str, out: str | os.PathLike | None = No
     if not train_cfg:
         raise ValueError(f"{wpath} carries no run config; publish needs a checkpoint written by reslab train")
     d = train_cfg.setdefault("data", {})
+    if which == "best" and Path(run).is_dir() and wpath.name != "best.safetensors":
+        raise ValueError(f"{run} has no best checkpoint (best is chosen on a validation split, data.val_split, "
+                         f"and this run has none); publish the last checkpoint (--which last)")
     if wpath.name == "best.safetensors" and not d.get("val_split"):
         raise ValueError(f"{wpath} was selected on the test set (the run has no validation split); publish the "
                          f"last checkpoint (--which last)")
