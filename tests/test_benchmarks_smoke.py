@@ -42,3 +42,11 @@ def test_bench_zoo_smoke() -> None:
     out = _run("bench_zoo.py", "--model", "cifar_resnet20", "--batch", "4", "--steps", "1", "--repeats", "1",
                "--threads", "1")
     assert out["ratio_train"] > 0 and out["ratio_infer"] > 0 and out["fuse_speedup"] > 0
+
+
+@pytest.mark.slow
+def test_bench_paths_smoke() -> None:
+    out = _run("bench_paths.py", "--model", "cifar_resnet20", "--batch-size", "2", "--image-size", "8",
+               "--samples-per-length", "1", "--train-steps", "1", "--threads", "1")
+    assert out["ratio"] > 0 and out["sum_rel_err"] < 1e-4 and len(out["mc_rel_err_per_length"]) == 10
+    assert out["protocol_backward_passes"] == 10 * 1000

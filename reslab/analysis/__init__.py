@@ -9,9 +9,11 @@ from reslab.analysis.lesion import (compare_lesions, k_unit_lesion, kendall_tau,
                                     reorder_study, reordered, run_units_from, single_unit_lesion, units_in_order)
 from reslab.analysis.paths import (central_range, effective_range, fraction_within, gradient_per_path_length,
                                    path_length_distribution, routed)
+from reslab.analysis.paths import ExactPathResult, exact_path_gradients, exact_path_lengths
 from reslab.analysis.unravel import route_identity, unravel_linear, unravel_report
 
-__all__ = ["central_range", "compare_lesions", "effective_range", "fraction_within", "gradient_per_path_length",
+__all__ = ["central_range", "compare_lesions", "effective_range", "exact_path_gradients", "exact_path_lengths",
+           "ExactPathResult", "fraction_within", "gradient_per_path_length",
            "k_unit_lesion", "kendall_tau", "lesioned", "path_length_distribution", "random_swaps",
            "recalibrate_bn", "reorder_study", "reordered", "route_identity", "routed", "run_units_from",
            "single_unit_lesion", "unravel_linear", "unravel_report", "units_in_order"]

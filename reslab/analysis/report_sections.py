@@ -17,7 +17,8 @@ import torch.nn as nn
 from reslab.analysis import plots
 from reslab.analysis.lesion import (as_batch_list, check_bn, compare_lesions, k_lesion_eligible, summarize,
                                     write_csv)
-from reslab.analysis.paths import PathResult, central_range, gradient_per_path_length
+from reslab.analysis.paths import (PATH_METHODS, PathResult, central_range, exact_path_lengths,
+                                   gradient_per_path_length)
 
 LESION_FILES = {"single": "lesion_single", "k": "lesion_k", "reorder": "lesion_reorder"}
 # progress(phase, done, total): called by the experiments below as they go (the caller prints;
@@ -82,22 +83,34 @@ def run_lesion_experiment(models: dict[str, nn.Module], batches: Iterable[Any] |
 
 def run_paths_experiment(models: dict[str, nn.Module], batches: Iterable[Any] | dict[str, Iterable[Any]],
                          out_dir: str | os.PathLike | None = None, progress: Progress | None = None,
-                         **kwargs: Any) -> dict[str, Any]:
+                         method: str = "sample", **kwargs: Any) -> dict[str, Any]:
     """Path-length analysis of several networks; writes ``paths.csv`` (one row per network and
     length), ``paths.png`` (Fig. 6 a-c) and ``paths_summary.json``; returns
     ``{"results": {label: PathResult}, "summary": {label: dict}, "files"}``. ``progress(phase,
-    done, total)`` is called per measured length (phase ``"paths: <label>"``)."""
+    done, total)`` is called per measured length (phase ``"paths: <label>"``). ``method="exact"``:
+    :func:`exact_path_lengths` instead of the paper's sampler (``ks``, ``samples``, ``seed``
+    ignored; rows hold ``summed_norm``, not the paper's ``total``; no PNG); ``method`` goes into
+    every row and summary."""
+    if method not in PATH_METHODS:
+        raise ValueError(f"method must be one of {PATH_METHODS}, got {method!r}")
     shared = None if isinstance(batches, dict) else as_batch_list(batches)
-    results: dict[str, PathResult] = {}
+    results: dict[str, Any] = {}
     for label, m in models.items():
         ev = batches[label] if shared is None else shared
-        results[label] = gradient_per_path_length(m, ev, progress=_tick(progress, f"paths: {label}"), **kwargs)
-    summary = {label: r.summary() for label, r in results.items()}
+        tick = _tick(progress, f"paths: {label}")
+        if method == "exact":
+            opts = {k: v for k, v in kwargs.items() if k in ("at", "bn", "mass", "chunk")}
+            results[label] = exact_path_lengths(m, ev, progress=tick, **opts)
+        else:
+            results[label] = gradient_per_path_length(m, ev, progress=tick, **kwargs)
+    summary = {label: dict(r.summary(), method=method) for label, r in results.items()}
     files: dict[str, str] = {}
     if out_dir is not None:
-        rows = [dict(model=label, at=r.at, bn=r.bn, **row) for label, r in results.items() for row in r.rows]
+        rows = [dict(model=label, method=method, at=r.at, bn=r.bn, **row) for label, r in results.items()
+                for row in r.rows]
         files["csv"] = write_csv(rows, os.path.join(str(out_dir), "paths.csv"))
-        files["png"] = plots.plot_paths(results, os.path.join(str(out_dir), "paths.png"))
+        if method == "sample":
+            files["png"] = plots.plot_paths(results, os.path.join(str(out_dir), "paths.png"))
         p = os.path.join(str(out_dir), "paths_summary.json")
         with open(p, "w") as f:
             json.dump(summary, f, indent=1)

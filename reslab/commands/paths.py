@@ -4,6 +4,12 @@ With targets: the gradient magnitude at the input per path length (forward uncha
 backward through the branches of k sampled units and the shortcuts of the others), the
 total gradient per length and the effective-path range; writes paths.csv / paths.png /
 paths_summary.json. With ``--units N`` alone: the path-length distribution of N units.
+
+Method: ``--method sample`` (default) is the paper's Monte-Carlo protocol (``--samples`` random
+k-subsets per length; the paper's quantity C(n, k) x E||g_path||, Fig. 6); ``--method exact`` sums
+the gradients of ALL paths of each length in one backward sweep per batch (reslab's
+``exact_path_gradients``; ``summed_norm`` per length, paths can cancel, so it is not the paper's
+total; no PNG). The default stays ``sample`` because that is the quantity the paper plots.
 """
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--units", type=int, help="without targets: print the path-length distribution of N units")
     p.add_argument("--samples", type=int, default=20,
                    help="(batch, subset) samples per path length (default 20; the paper used ~1000)")
+    p.add_argument("--method", choices=("sample", "exact"), default="sample",
+                   help="sample: the paper's Monte-Carlo protocol (default); exact: the exact sum of all paths of "
+                        "each length, one backward sweep with n+1 components per batch (--samples/--ks ignored)")
     p.add_argument("--ks", type=_int_list, help="numbers of branch-routed units to measure, e.g. '0-20' (default all)")
     p.add_argument("--at", choices=("unit", "image"), default="unit", help="where the gradient is measured")
     p.add_argument("--bn", choices=("eval", "train"), default="eval", help="BatchNorm mode of the measurement")
@@ -79,15 +88,20 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_out(args.targets[0])
     with make_progress(args) as progress:
         res = run_paths_experiment(models, evals, out, ks=args.ks, samples=args.samples, at=args.at, bn=args.bn,
-                                   seed=args.seed, mass=args.mass, progress=progress.update)
+                                   seed=args.seed, mass=args.mass, progress=progress.update,
+                                   method=args.method)
     if args.json:
-        print(json.dumps(dict(summary=res["summary"], files=res["files"])))
+        print(json.dumps(dict(method=args.method, summary=res["summary"], files=res["files"])))
         return 0
     where = "first residual unit's input" if args.at == "unit" else "image"
     for label, r in res["results"].items():
         s = res["summary"][label]
         print(f"{label}: {r.n_units} units, {r.n_routable} with a shortcut; 95% of paths have length "
-              f"{s['path_range_95'][0]}-{s['path_range_95'][1]}; gradient at the {where}, {args.bn}-mode BN")
+              f"{s['path_range_95'][0]}-{s['path_range_95'][1]}; gradient at the {where}, {args.bn}-mode BN, "
+              f"method {args.method}")
+        if args.method == "exact":
+            _print_exact(r, s, args.mass)
+            continue
         print(f"{'length':>6} {'paths':>22} {'grad/path':>11} {'total':>11} {'share':>7}")
         for row in r.rows:
             print(f"{row['length']:>6} {row['paths']:>22} {row['grad_mean']:11.4e} {row['total']:11.4e} "
@@ -97,5 +111,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"effective paths: {args.mass:.0%} of the total gradient from lengths {lo}-{hi} "
                   f"({100 * s['effective_paths_fraction']:.3g}% of all paths)"
                   + (" [interpolated between measured lengths]" if s["interpolated"] else ""))
-    print(f"wrote {res['files']['csv']}, {res['files']['png']} and {res['files']['json']}")
+    print("wrote " + ", ".join(res["files"].values()))
     return 0
+
+
+def _print_exact(r: object, s: dict, mass: float) -> None:
+    """The table of ``--method exact`` (an :class:`~reslab.analysis.paths.ExactPathResult`)."""
+    print(f"exact sum over all paths of each length, {s['images']} images; sum over lengths vs the ordinary "
+          f"gradient: {s['sum_rel_err']:.2e} relative error; {s['backward_equivalents']:.0f} backward-pass "
+          "equivalents")
+    print(f"{'length':>6} {'paths':>22} {'summed_norm':>11} {'norm_share':>10} {'proj_share':>10}")
+    for row in r.rows:  # type: ignore[attr-defined]
+        print(f"{row['length']:>6} {row['paths']:>22} {row['summed_norm']:11.4e} "
+              f"{100 * row['summed_fraction']:9.2f}% {100 * row['projection_share']:9.2f}%")
+    if s["effective_range_summed"]:
+        lo, hi = s["effective_range_summed"]
+        print(f"{mass:.0%} of the summed norms from lengths {lo}-{hi} ({100 * s['effective_paths_fraction']:.3g}% of "
+              "all paths); summed_norm is the norm of the sum over paths, not the paper's C(n,k) x E||g_path||")
