@@ -14,7 +14,8 @@ import sys
 
 # Sub-command modules, in the order `reslab --help` lists them. A module that is
 # missing (a feature not built yet) is skipped.
-COMMANDS = ["models", "info", "zoo", "train", "eval", "demo", "sd", "lesion", "paths", "unravel", "weights", "export"]
+COMMANDS = ["models", "info", "zoo", "train", "eval", "demo", "sd", "lesion", "paths", "unravel", "study", "weights",
+            "export"]
 
 
 def _commands_for(argv: list[str] | None) -> list[str]:
