@@ -363,13 +363,13 @@ def test_reorder_study_and_compare(resnet, plain):
 
 
 # ---- command line ------------------------------------------------------------------------------------
-def _write_checkpoint(tmp_path, name="cifar_resnet", kwargs=None):
+def _write_checkpoint(tmp_path, name="cifar_resnet", kwargs=None, extra=()):
     from reslab.train import config_to_dict, load_config
     from reslab.train.checkpoint import make_metadata, save_weights
 
     kwargs = kwargs if kwargs is not None else {"depth": 14}
     cfg = load_config(None, [f"model.name={name}", "data.name=synthetic", "data.num_train=64", "data.num_test=24",
-                             "data.image_size=8"])
+                             "data.image_size=8", *extra])
     m = _calibrated(name, **kwargs)
     path = tmp_path / "run" / "checkpoints" / "best.safetensors"
     path.parent.mkdir(parents=True)
@@ -404,7 +404,8 @@ def test_cli_lesion_single_and_k(tmp_path, capsys):
 def test_lesion_section_and_demo_adapter(tmp_path, resnet, plain):
     from types import SimpleNamespace
 
-    from reslab.analysis.report_sections import demo_lesion_section, demo_sections, lesion_section
+    from reslab.analysis.report_sections import lesion_section
+    from reslab.report.demo import demo_lesion_section, demo_sections
     from reslab.data.synthetic import synthetic_split
 
     batches = _batches(2, 8)
@@ -424,3 +425,94 @@ def test_lesion_section_and_demo_adapter(tmp_path, resnet, plain):
     assert sec.title == "Lesion study" and len(sec.figures) == 2
     assert all((tmp_path / "demo" / f).is_file() for f, _ in sec.figures)
     assert demo_sections()[0] is demo_lesion_section
+
+
+# ---- loading (reslab.studies.inputs): split, calibration data, training batches ----------------------
+def test_load_for_analysis_evaluates_the_test_split_by_default(tmp_path):
+    from reslab.studies.inputs import load_for_analysis
+
+    run = _write_checkpoint(tmp_path, extra=["data.val_split=16"])
+    test = load_for_analysis(run, device="cpu", batch_size=8)
+    assert test.split == "test" and sum(int(y.numel()) for _, y in test.batches) == 24  # data.num_test
+    assert test.calib is None and test.train is None and test.weights.endswith("best.safetensors")
+    val = load_for_analysis(run, device="cpu", batch_size=8, split="val", calib_batches=2, train_batches=3)
+    assert val.split == "val" and sum(int(y.numel()) for _, y in val.batches) == 16  # data.val_split
+    assert len(val.calib) == 2 and len(val.train) == 3 and all(x.shape[0] == 8 for x, _ in val.train)
+    with pytest.raises(ValueError, match="split must be"):
+        load_for_analysis(run, device="cpu", split="train")
+    plain_run = _write_checkpoint(tmp_path / "b")
+    with pytest.raises(ValueError, match="val_split"):
+        load_for_analysis(plain_run, device="cpu", split="val")
+
+
+def test_cli_lesion_and_paths_name_the_split_and_grad_data(tmp_path, capsys):
+    from reslab.cli import main
+
+    run = _write_checkpoint(tmp_path, extra=["data.val_split=16"])
+    out = tmp_path / "out"
+    assert main(["lesion", str(run), "--out", str(out), "--batch-size", "8", "--bn", "both", "--calib-batches", "2",
+                 "--calib", "plain", "--split", "val", "--mode", "k", "--ks", "0,1", "--repeats", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "validation split" in text and "plain training batches" in text
+    import csv
+
+    with open(out / "lesion_k.csv") as f:
+        assert {r["split"] for r in csv.DictReader(f)} == {"val"}
+    assert main(["paths", str(run), "--samples", "1", "--batch-size", "4", "--max-images", "8", "--ks", "0,1",
+                 "--json", "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["grad_data"] == "train" and all(s["grad_data"] == "train" for s in res["summary"].values())
+
+
+def test_recalibration_on_augmented_batches_reproduces_training_statistics(tmp_path):
+    """Ground truth (experiments.md §1.4): with the weights fixed, the running statistics training
+    converges to are the averages of each BN input's batch mean / unbiased variance over augmented
+    training batches in train mode. Measured here with forward pre-hooks (not with recalibrate_bn)
+    on batches of the run's own training pipeline (another seed than the calibration batches).
+    Recalibrating on the augmented calibration batches of reslab.studies.inputs lands within
+    sampling error of it; recalibrating on un-augmented images (pad-4 crop + flip on 8x8 images
+    change the input distribution a lot) lands many standard errors away."""
+    from reslab.data import TrainLoader
+    from reslab.studies.inputs import load_for_analysis, loader_batches
+    from reslab.train import config_from_dict, prepare_data
+    from reslab.train.engine import make_augment
+
+    run = _write_checkpoint(tmp_path, kwargs={"depth": 8}, extra=["data.num_train=512"])
+    n_cal, n_true, bs = 12, 120, 32
+    aug = load_for_analysis(run, device="cpu", batch_size=bs, calib_batches=n_cal)
+    plain = load_for_analysis(run, device="cpu", batch_size=bs, calib_batches=n_cal, calib_augment=False)
+    model = aug.model
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    cfg, train_set, _ = prepare_data(config_from_dict(aug.info.config))
+    assert cfg.data.crop_padding == 4 and cfg.data.flip  # the augmentation this test relies on
+    seen = {bn: [] for bn in bns}
+
+    def hook(mod, inp):
+        x = inp[0].detach().double()
+        seen[mod].append((x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=True)))
+
+    handles = [bn.register_forward_pre_hook(hook) for bn in bns]
+    model.eval()
+    for bn in bns:
+        bn.train()
+    with torch.no_grad():
+        for x, _ in loader_batches(TrainLoader(train_set, bs, make_augment(cfg, train_set), seed=12345), n_true):
+            model(x)
+    for h in handles:
+        h.remove()
+    model.eval()
+
+    def rms_z(batches):
+        recalibrate_bn(model, batches, n_cal)
+        out = []
+        for bn in bns:
+            means = torch.stack([m for m, _ in seen[bn]])
+            var = torch.stack([v for _, v in seen[bn]])
+            for est, obs in ((bn.running_mean, means), (bn.running_var, var)):
+                se = obs.std(0) * math.sqrt(1 / n_cal + 1 / n_true)  # std error of (estimate - truth)
+                out.append(float((((est.double() - obs.mean(0)) / se) ** 2).mean().sqrt()))
+        return out
+
+    z_aug, z_plain = rms_z(aug.calib), rms_z(plain.calib)
+    assert max(z_aug) < 3.0, z_aug  # within sampling error (rms over channels of a z-score ~ 1)
+    assert sum(z_plain) / len(z_plain) > 3 * sum(z_aug) / len(z_aug), (z_plain, z_aug)

@@ -197,7 +197,8 @@ def test_cli_distribution(capsys):
 def test_paths_section_and_demo_adapter(tmp_path):
     from types import SimpleNamespace
 
-    from reslab.analysis.report_sections import demo_paths_section, paths_section
+    from reslab.analysis.report_sections import paths_section
+    from reslab.report.demo import demo_paths_section
     from reslab.data.synthetic import synthetic_split
 
     m = _model("cifar_resnet", depth=8)

@@ -3,6 +3,9 @@
 Veit, Wilber & Belongie 2016 (arXiv 1605.06431): :mod:`reslab.analysis.unravel`,
 :mod:`reslab.analysis.lesion`, :mod:`reslab.analysis.paths`; figures in
 :mod:`reslab.analysis.plots`, report sections in :mod:`reslab.analysis.report_sections`.
+
+Pure (design.md, "Layers"): functions get a model and batches; loading runs and building batches
+is :mod:`reslab.studies.inputs`.
 """
 from reslab.analysis.bn import recalibrate_bn
 from reslab.analysis.lesion import (compare_lesions, k_unit_lesion, kendall_tau, lesioned, random_swaps,

@@ -15,7 +15,9 @@ BatchNorm protocols (experiments.md §1.2), every row is labelled with its proto
 * ``frozen`` (default, the paper's): eval mode with the stored running statistics;
 * ``recalibrated``: the running statistics are re-estimated for each lesioned network with
   :func:`reslab.analysis.bn.recalibrate_bn` on calibration (training) batches, then
-  restored afterwards.
+  restored afterwards. The caller builds those batches (:mod:`reslab.studies.inputs`:
+  augmented like training by default, since the stored statistics were estimated on
+  augmented batches); this module loads no run or data set.
 
 The plain twin (``shortcut=None``) is the contrast: a lesioned plain unit returns its input
 (a layer deleted from a plain network); a downsampling plain unit cannot be deleted and is
@@ -32,7 +34,6 @@ import math
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -550,77 +551,3 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> str:
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
     return str(path)
-
-
-# ---- loading a trained run ---------------------------------------------------------------------
-@dataclass
-class AnalysisInputs:
-    """A trained model and the batches the analyses need (see :func:`load_for_analysis`).
-
-    ``eval_batches``: the run's evaluation set (eval transform), a list of ``(x, y)``.
-    ``calib_batches``: training images with the eval transform (no augmentation), for the
-    recalibrated BN protocol; ``None`` unless requested. ``info``: the checkpoint's
-    ``CheckpointInfo`` (model name, kwargs, config).
-    """
-
-    model: nn.Module
-    label: str
-    eval_batches: list[Batch]
-    calib_batches: list[Batch] | None
-    info: Any
-    checkpoint: str
-
-
-def _label_for(target: str | os.PathLike) -> str:
-    p = os.path.abspath(str(target))
-    if os.path.isfile(p):
-        parent = os.path.dirname(p)
-        if os.path.basename(parent) == "checkpoints":
-            return os.path.basename(os.path.dirname(parent))
-        return os.path.splitext(os.path.basename(p))[0]
-    return os.path.basename(p.rstrip(os.sep))
-
-
-def load_for_analysis(target: str | os.PathLike, *, device: str = "auto", which: str = "best",
-                      data_dir: str | None = None, max_images: int | None = None, batch_size: int = 250,
-                      calib_batches: int = 0, label: str | None = None) -> AnalysisInputs:
-    """Load a run directory or checkpoint with the training engine's public loader
-    (:func:`reslab.train.load_model_from_checkpoint`) and build its evaluation batches
-    (:func:`reslab.train.evaluate.eval_dataset`; ``max_images`` takes a fixed seeded subset).
-
-    ``calib_batches > 0`` also builds that many batches of training images (eval transform,
-    a fixed seeded subset) for the recalibrated BN protocol.
-    """
-    from dataclasses import replace
-
-    from reslab.data import EvalTransform, eval_batches
-    from reslab.train import config_from_dict, load_model_from_checkpoint, prepare_data
-    from reslab.train.distributed import pick_device
-    from reslab.train.evaluate import eval_dataset
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev = pick_device(device)
-    model, info, wpath = load_model_from_checkpoint(target, which, dev)
-    if not info.config:
-        raise ValueError(f"{wpath} carries no run config; it cannot say which data to evaluate on")
-    cfg = config_from_dict(info.config)
-    over: dict[str, Any] = {}
-    if data_dir is not None:
-        over["data_dir"] = data_dir
-    if max_images is not None:
-        if max_images < 1:
-            raise ValueError(f"max_images must be >= 1, got {max_images}")
-        over["test_subset"] = max_images
-    if over:
-        cfg = replace(cfg, data=replace(cfg.data, **over))
-    data = eval_dataset(cfg)
-    tf = EvalTransform(data.mean, data.std, data.eval_crop)
-    ev = list(eval_batches(data, batch_size, tf, dev))
-    calib = None
-    if calib_batches > 0:
-        _, train_set, _ = prepare_data(cfg)
-        train_set = train_set.subset(min(len(train_set), calib_batches * batch_size), seed=1)
-        ttf = EvalTransform(data.mean, data.std, data.eval_crop)
-        calib = list(eval_batches(train_set, batch_size, ttf, dev))[:calib_batches]
-    return AnalysisInputs(model.eval(), label or _label_for(target), ev, calib, info, str(wpath))

@@ -2,9 +2,13 @@
 
 * :func:`run_lesion_experiment` / :func:`run_paths_experiment`: what ``reslab lesion`` and
   ``reslab paths`` do, as library calls (several networks side by side).
-* :func:`lesion_section` / :func:`paths_section`: markdown sections for ``reslab demo``'s
-  report, ``(model, batches, out_dir) -> str``; images and CSVs are written to ``out_dir``
-  and linked by file name (relative to the report).
+* :func:`lesion_section` / :func:`paths_section`: markdown sections, ``(model, batches,
+  out_dir) -> str``; images and CSVs are written to ``out_dir`` and linked by file name
+  (relative to the report). ``reslab demo``'s adapters live in :mod:`reslab.report.demo`.
+
+Pure: the caller loads the runs and builds the batches (:mod:`reslab.studies.inputs`) and
+says which split they are (``split``) and which data the path gradients use (``grad_data``);
+both labels go into every row, summary and plot title.
 """
 from __future__ import annotations
 
@@ -52,13 +56,30 @@ def _summary_single(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+SPLIT_NAMES = {"test": "test split", "val": "validation split"}
+
+
+def split_name(split: str | None) -> str:
+    """``"test split"`` / ``"validation split"`` (any other label as given; ``None``: ``"evaluation set"``)."""
+    return "evaluation set" if split is None else SPLIT_NAMES.get(split, f"{split} split")
+
+
+def _lesion_title(mode: str, split: str | None, repeats: int) -> str:
+    base = {"single": "Deleting one residual unit at test time",
+            "k": f"Deleting k random units (band: ± 1 std over {repeats} draws per k, within [0, 100]%)",
+            "reorder": f"Reordering units (error bars: ± 1 std over {repeats} draws per swap count)"}[mode]
+    return f"{base}; error on the {split_name(split)}"
+
+
 def run_lesion_experiment(models: dict[str, nn.Module], batches: Iterable[Any] | dict[str, Iterable[Any]],
                           mode: str = "single", out_dir: str | os.PathLike | None = None, *, bn: str = "frozen",
-                          calib_batches: Any = None, progress: Progress | None = None, **kwargs: Any
-                          ) -> dict[str, Any]:
+                          calib_batches: Any = None, progress: Progress | None = None, split: str | None = None,
+                          **kwargs: Any) -> dict[str, Any]:
     """One lesion experiment on several networks; writes ``lesion_<mode>.csv`` and ``.png`` to
-    ``out_dir`` (when given) and returns ``{"rows", "summary", "files"}``. ``progress(phase,
-    done, total)`` is called per network as it goes (phase ``"lesion <mode>: <label>"``)."""
+    ``out_dir`` (when given) and returns ``{"mode", "bn", "split", "rows", "summary", "files"}``.
+    ``split`` (``"test"``/``"val"``, given by the caller that built ``batches``) is added to
+    every row and summary entry and named in the plot title. ``progress(phase, done, total)``
+    is called per network as it goes (phase ``"lesion <mode>: <label>"``)."""
     if isinstance(calib_batches, dict):
         for label in models:
             check_bn(bn, calib_batches.get(label))
@@ -72,21 +93,27 @@ def run_lesion_experiment(models: dict[str, nn.Module], batches: Iterable[Any] |
         summary: Any = _summary_single(rows)
     else:
         summary = summarize(rows, "k" if mode == "k" else "swaps")
+    if split is not None:
+        rows = [dict(r, split=split) for r in rows]
+        summary = [dict(s, split=split) for s in summary]
     files: dict[str, str] = {}
     if out_dir is not None:
         stem = os.path.join(str(out_dir), LESION_FILES[mode])
         files["csv"] = write_csv(rows, stem + ".csv")
         plot = {"single": plots.plot_single_lesion, "k": plots.plot_k_lesion, "reorder": plots.plot_reorder}[mode]
-        files["png"] = plot(rows, stem + ".png")
-    return dict(mode=mode, bn=bn, rows=rows, summary=summary, files=files)
+        files["png"] = plot(rows, stem + ".png", title=_lesion_title(mode, split, int(kwargs.get("repeats", 10))))
+    return dict(mode=mode, bn=bn, split=split, rows=rows, summary=summary, files=files)
 
 
 def run_paths_experiment(models: dict[str, nn.Module], batches: Iterable[Any] | dict[str, Iterable[Any]],
                          out_dir: str | os.PathLike | None = None, progress: Progress | None = None,
-                         method: str = "sample", **kwargs: Any) -> dict[str, Any]:
+                         grad_data: str | None = None, method: str = "sample", **kwargs: Any) -> dict[str, Any]:
     """Path-length analysis of several networks; writes ``paths.csv`` (one row per network and
     length), ``paths.png`` (Fig. 6 a-c) and ``paths_summary.json``; returns
-    ``{"results": {label: PathResult}, "summary": {label: dict}, "files"}``. ``progress(phase,
+    ``{"results": {label: PathResult}, "summary": {label: dict}, "grad_data", "files"}``.
+    ``grad_data`` names the data ``batches`` come from (``"train"``/``"test"``, given by the
+    caller; Veit et al. 2016 §5 use random training batches): it goes into every CSV row, the
+    summary and the plot title. ``progress(phase,
     done, total)`` is called per measured length (phase ``"paths: <label>"``). ``method="exact"``:
     :func:`exact_path_lengths` instead of the paper's sampler (``ks``, ``samples``, ``seed``
     ignored; rows hold ``summed_norm``, not the paper's ``total``; no PNG); ``method`` goes into
@@ -103,19 +130,27 @@ def run_paths_experiment(models: dict[str, nn.Module], batches: Iterable[Any] | 
             results[label] = exact_path_lengths(m, ev, progress=tick, **opts)
         else:
             results[label] = gradient_per_path_length(m, ev, progress=tick, **kwargs)
-    summary = {label: dict(r.summary(), method=method) for label, r in results.items()}
+    gd: dict[str, Any] = {} if grad_data is None else {"grad_data": grad_data}
+    summary = {label: dict(r.summary(), method=method, **gd) for label, r in results.items()}
     files: dict[str, str] = {}
     if out_dir is not None:
-        rows = [dict(model=label, method=method, at=r.at, bn=r.bn, **row) for label, r in results.items()
+        rows = [dict(model=label, method=method, **gd, at=r.at, bn=r.bn, **row) for label, r in results.items()
                 for row in r.rows]
         files["csv"] = write_csv(rows, os.path.join(str(out_dir), "paths.csv"))
+        title = None if grad_data is None else f"Gradient per path length, measured on {grad_data_name(grad_data)}"
         if method == "sample":
-            files["png"] = plots.plot_paths(results, os.path.join(str(out_dir), "paths.png"))
+            files["png"] = plots.plot_paths(results, os.path.join(str(out_dir), "paths.png"), title=title)
         p = os.path.join(str(out_dir), "paths_summary.json")
         with open(p, "w") as f:
             json.dump(summary, f, indent=1)
         files["json"] = p
-    return dict(results=results, summary=summary, files=files)
+    return dict(results=results, summary=summary, grad_data=grad_data, files=files)
+
+
+def grad_data_name(grad_data: str | None) -> str:
+    """Words for the data of the path gradients: ``"train"`` -> random training batches, ..."""
+    return {None: "the given batches", "train": "random training batches",
+            "test": "test-split batches", "val": "validation-split batches"}.get(grad_data, f"{grad_data} batches")
 
 
 # ---- markdown ---------------------------------------------------------------------------------
@@ -153,24 +188,27 @@ def _k_table(summary: list[dict[str, Any]]) -> list[str]:
 
 def _lesion_body(models: dict[str, nn.Module], batches: list, out_dir: str | os.PathLike, *,
                  calib: list | None, ks: Sequence[int] | None, repeats: int, seed: int, n_calib: int,
-                 progress: Progress | None = None, results: dict[str, Any] | None = None
+                 progress: Progress | None = None, results: dict[str, Any] | None = None,
+                 split: str | None = None, calib_kind: str = "training images"
                  ) -> tuple[str, list[tuple[str, str]]]:
     bn = "both" if calib is not None else "frozen"
     single = run_lesion_experiment(models, batches, "single", out_dir, bn=bn, calib_batches=calib, n_calib=n_calib,
-                                   progress=progress)
+                                   progress=progress, split=split)
     n_elig = min(len(k_lesion_eligible(m)) for m in models.values())
     if ks is None:
         step = max(1, n_elig // 8)
         ks = sorted(set(list(range(0, n_elig + 1, step)) + [n_elig]))
     kres = run_lesion_experiment(models, batches, "k", out_dir, bn=bn, calib_batches=calib, n_calib=n_calib,
-                                 ks=ks, repeats=repeats, seed=seed, progress=progress)
+                                 ks=ks, repeats=repeats, seed=seed, progress=progress, split=split)
     if results is not None:
-        results.update(single=single["summary"], k=kres["summary"], n_images=sum(int(y.numel()) for _, y in batches))
+        results.update(single=single["summary"], k=kres["summary"], n_images=sum(int(y.numel()) for _, y in batches),
+                       split=split)
     n_img = sum(int(y.numel()) for _, y in batches)
     body = "\n".join([
-        f"Residual branches deleted at test time (Veit et al. 2016), {n_img} evaluation images. BN protocol "
+        f"Residual branches deleted at test time (Veit et al. 2016), error on {n_img} images of the "
+        f"{split_name(split)}. BN protocol "
         "*frozen*: the stored running statistics (the paper's protocol); *recalibrated*: statistics re-estimated "
-        "on training images for each lesioned network. A deleted plain unit passes its input through; "
+        f"on {calib_kind} for each lesioned network. A deleted plain unit passes its input through; "
         "downsampling plain units cannot be deleted (listed as not deletable).", "",
         *_single_table(single["summary"]), "",
         f"Deleting k random non-downsampling units ({repeats} draws per k; mean error ± std in points):", "",
@@ -187,9 +225,10 @@ def _lesion_body(models: dict[str, nn.Module], batches: list, out_dir: str | os.
 
 
 def _paths_body(model: nn.Module, batches: list, out_dir: str | os.PathLike, *, label: str, samples: int, at: str,
-                bn: str, seed: int, mass: float, progress: Progress | None = None) -> tuple[str, list[tuple[str, str]]]:
+                bn: str, seed: int, mass: float, progress: Progress | None = None,
+                grad_data: str | None = None) -> tuple[str, list[tuple[str, str]]]:
     res = run_paths_experiment({label: model}, batches, out_dir, samples=samples, at=at, bn=bn, seed=seed, mass=mass,
-                               progress=progress)
+                               progress=progress, grad_data=grad_data)
     s = res["summary"][label]
     r: PathResult = res["results"][label]
     lo, hi = central_range(r.n_routable, 0.95)
@@ -202,8 +241,8 @@ def _paths_body(model: nn.Module, batches: list, out_dir: str | os.PathLike, *, 
     body = "\n".join([
         f"{label}: {r.n_units} residual units unravel into 2^{r.n_routable} paths; path length ~ Binomial"
         f"({r.n_routable}, 1/2), 95% of the paths have length {lo + r.n_fixed}-{hi + r.n_fixed}. "
-        f"Gradient measured at {where}, {bn}-mode BatchNorm, {samples} (batch, subset) samples of "
-        f"{r.batch_size} images per length (forward unchanged; backward through the branches of k units and the "
+        f"Gradient measured at {where}, {bn}-mode BatchNorm, on {grad_data_name(grad_data)}, {samples} (batch, "
+        f"subset) samples of {r.batch_size} images per length (forward unchanged; backward through the branches of k units and the "
         "shortcuts of the others).", "",
         f"* gradient magnitude per path: {r.rows[0]['grad_mean']:.3g} at length {r.rows[0]['length']}, "
         f"{r.rows[-1]['grad_mean']:.3g} at length {r.rows[-1]['length']};",
@@ -233,73 +272,32 @@ def lesion_section(model: nn.Module, batches: Iterable[Any], out_dir: str | os.P
                    plain_model: nn.Module | None = None, extra_models: dict[str, nn.Module] | None = None,
                    calib_batches: Iterable[Any] | None = None, label: str = "resnet", plain_label: str = "plain",
                    ks: Sequence[int] | None = None, repeats: int = 5, seed: int = 0, n_calib: int = 10,
-                   heading_level: int = 2) -> str:
+                   heading_level: int = 2, split: str | None = None, calib_kind: str = "training images",
+                   progress: Progress | None = None, results: dict[str, Any] | None = None) -> str:
     """Markdown section: single-unit and k-unit lesions of ``model`` (and of its plain twin and
     any ``extra_models``, side by side), frozen BN, plus recalibrated BN when ``calib_batches``
-    are given. Writes lesion_single / lesion_k CSV + PNG into ``out_dir``; links them by name."""
+    are given. Writes lesion_single / lesion_k CSV + PNG into ``out_dir``; links them by name.
+    ``split`` names the split of ``batches`` and ``calib_kind`` the calibration data (both only
+    words in the text; the caller built the batches); ``results``, if given, receives the
+    summaries."""
     models = {label: model}
     if plain_model is not None:
         models[plain_label] = plain_model
     models.update(extra_models or {})
     calib = as_batch_list(calib_batches) if calib_batches is not None else None
     body, figs = _lesion_body(models, as_batch_list(batches), out_dir, calib=calib, ks=ks, repeats=repeats,
-                              seed=seed, n_calib=n_calib)
+                              seed=seed, n_calib=n_calib, progress=progress, results=results, split=split,
+                              calib_kind=calib_kind)
     return _render(LESION_TITLE, body, figs, heading_level)
 
 
 def paths_section(model: nn.Module, batches: Iterable[Any], out_dir: str | os.PathLike, *, samples: int = 8,
                   label: str = "resnet", at: str = "unit", bn: str = "eval", seed: int = 0, mass: float = 0.9,
-                  heading_level: int = 2) -> str:
+                  heading_level: int = 2, grad_data: str | None = None, progress: Progress | None = None) -> str:
     """Markdown section: path-length distribution and gradient per path length of ``model``
-    (Veit et al. 2016 Fig. 6). Writes paths.csv / paths.png / paths_summary.json into ``out_dir``."""
+    (Veit et al. 2016 Fig. 6). Writes paths.csv / paths.png / paths_summary.json into ``out_dir``.
+    ``grad_data`` names where ``batches`` come from (``"train"``: random training batches, the
+    paper's §5 choice)."""
     body, figs = _paths_body(model, as_batch_list(batches), out_dir, label=label, samples=samples, at=at, bn=bn,
-                             seed=seed, mass=mass)
+                             seed=seed, mass=mass, progress=progress, grad_data=grad_data)
     return _render(PATHS_TITLE, body, figs, heading_level)
-
-
-# ---- adapters for reslab demo (reslab.report.demo.default_sections) ------------------------------
-DEMO_CALIB_BATCHES = 4  # BN recalibration: 4 x 128 training images per lesioned network
-def _demo_batches(data: Any, batch_size: int = 128) -> list:
-    from reslab.data import EvalTransform, eval_batches
-
-    return list(eval_batches(data, batch_size, EvalTransform(data.mean, data.std, data.eval_crop)))
-
-
-def _demo_models(ctx: Any) -> tuple[dict[str, nn.Module], str | None]:
-    models = {label: ctx.load_model(label) for label in ctx.runs}
-    residual = next((k for k, m in models.items() if any(u.has_shortcut for u in m.residual_units())), None)
-    return models, residual
-
-
-def demo_lesion_section(ctx: Any) -> Any:
-    """``reslab demo`` section: lesion study of every demo network (ResNet and plain twin side
-    by side), frozen and recalibrated BN. Returns a ``ReportSection``."""
-    from reslab.report.markdown import ReportSection
-
-    models, _ = _demo_models(ctx)
-    calib = _demo_batches(ctx.train_set.subset(DEMO_CALIB_BATCHES * 128, seed=1))[:DEMO_CALIB_BATCHES]
-    results: dict[str, Any] = {}
-    body, figs = _lesion_body(models, _demo_batches(ctx.eval_set), ctx.out_dir, calib=calib, ks=None, repeats=5,
-                              seed=0, n_calib=DEMO_CALIB_BATCHES, progress=getattr(ctx, "progress", None),
-                              results=results)
-    if isinstance(getattr(ctx, "extras", None), dict):
-        ctx.extras["lesion"] = results  # the report's first paragraph quotes these numbers
-    return ReportSection(LESION_TITLE, body, figs)
-
-
-def demo_paths_section(ctx: Any) -> Any:
-    """``reslab demo`` section: path-length analysis of the demo's residual network (the plain
-    twin has a single path). Returns a ``ReportSection``, or ``None`` without a residual network."""
-    from reslab.report.markdown import ReportSection
-
-    models, residual = _demo_models(ctx)
-    if residual is None:
-        return None
-    body, figs = _paths_body(models[residual], _demo_batches(ctx.eval_set, 32), ctx.out_dir, label=residual,
-                             samples=8, at="unit", bn="eval", seed=0, mass=0.9, progress=getattr(ctx, "progress", None))
-    return ReportSection(PATHS_TITLE, body, figs)
-
-
-def demo_sections() -> list:
-    """The analysis sections to append to ``reslab.report.demo.default_sections()``."""
-    return [demo_lesion_section, demo_paths_section]

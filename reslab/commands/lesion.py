@@ -2,6 +2,12 @@
 
 Several run directories / checkpoints (e.g. a ResNet, its plain twin, an SD-trained ResNet)
 go into one table and one plot. Writes ``lesion_<mode>.csv`` and ``.png`` to ``--out``.
+
+The error is measured on the TEST split by default, also for runs trained with
+``data.val_split`` (``--split val`` takes their validation images); every output names the
+split. ``--bn recalibrated`` re-estimates the BN statistics on training batches augmented like
+the run's training (``--calib augmented``, default; ``--calib plain``: un-augmented images,
+which estimate the statistics of another input distribution). Loading: reslab.studies.inputs.
 """
 from __future__ import annotations
 
@@ -45,6 +51,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint of a run directory")
     p.add_argument("--data-dir", help="where the data lives, if not where the run had it")
     p.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="evaluated split: test (default, whatever the run's data.val_split) or val (the run's "
+                        "held-out validation images; needs a run trained with data.val_split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default 0)")
     p.add_argument("--out", help="output directory (default: FIRST_TARGET/analysis)")
     p.add_argument("--json", action="store_true", help="print one JSON object (summary and file paths)")
@@ -90,6 +99,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--batch-size", type=int, default=250, help="evaluation batch size (default 250)")
     p.add_argument("--calib-batches", type=int, default=20,
                    help="training batches for BN recalibration (default 20; with --bn recalibrated/both)")
+    p.add_argument("--calib", choices=("augmented", "plain"), default="augmented",
+                   help="BN recalibration batches: augmented like the run's training (default; the stored running "
+                        "statistics were estimated on augmented batches) or plain (un-augmented training images)")
     p.add_argument("--no-cache", action="store_true", help="--mode single: naive sweep without prefix caching")
     add_common(p)
     p.set_defaults(func=run)
@@ -97,8 +109,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from reslab.analysis.lesion import load_for_analysis
     from reslab.analysis.report_sections import run_lesion_experiment
+    from reslab.studies.inputs import load_for_analysis
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
@@ -109,10 +121,11 @@ def run(args: argparse.Namespace) -> int:
     for target, label in zip(args.targets, labels_for(args)):
         inp = load_for_analysis(target, device=args.device, which=args.which, data_dir=args.data_dir,
                                 max_images=args.max_images, batch_size=args.batch_size,
-                                calib_batches=args.calib_batches if need_calib else 0, label=label)
+                                calib_batches=args.calib_batches if need_calib else 0,
+                                calib_augment=args.calib == "augmented", split=args.split, label=label)
         if inp.label in models:
             raise ValueError(f"two targets are both named {inp.label!r}; name them with --labels a,b,...")
-        models[inp.label], evals[inp.label], calibs[inp.label] = inp.model, inp.eval_batches, inp.calib_batches
+        models[inp.label], evals[inp.label], calibs[inp.label] = inp.model, inp.batches, inp.calib
     out = args.out or default_out(args.targets[0])
     kw: dict = dict(n_calib=args.calib_batches)
     if args.mode == "single":
@@ -123,10 +136,15 @@ def run(args: argparse.Namespace) -> int:
         kw.update(swaps=args.swaps, repeats=args.repeats, seed=args.seed)
     with make_progress(args) as progress:
         res = run_lesion_experiment(models, evals, args.mode, out, bn=args.bn,
-                                    calib_batches=calibs if need_calib else None, progress=progress.update, **kw)
+                                    calib_batches=calibs if need_calib else None, progress=progress.update,
+                                    split=args.split, **kw)
+    calib = args.calib if need_calib else None
     if args.json:
-        print(json.dumps(dict(mode=args.mode, bn=args.bn, summary=res["summary"], files=res["files"])))
+        print(json.dumps(dict(mode=args.mode, bn=args.bn, split=args.split, calib=calib, summary=res["summary"],
+                              files=res["files"])))
         return 0
+    print(f"error on the {'test' if args.split == 'test' else 'validation'} split"
+          + ("" if calib is None else f"; BN recalibrated on {calib} training batches"))
     _print_human(res)
     print(f"wrote {res['files']['csv']} and {res['files']['png']}")
     return 0
@@ -141,7 +159,8 @@ def _print_human(res: dict) -> None:
     if mode == "single":
         for s in res["summary"]:
             print(f"{s['model']} ({s['bn']} BN): intact {_pct(s['baseline']).strip()}")
-        print(f"{'model':>16} {'bn':>12} {'unit':>4} {'stage':>5} {'down':>4} {'error':>8} {'delta':>8}")
+        print(f"{'model':>16} {'bn':>12} {'unit':>4} {'stage':>5} {'down':>4} {res['split'] + ' err':>8} "
+              f"{'delta':>8}")
         for r in rows:
             if r["unit"] == -1:
                 continue
@@ -152,7 +171,7 @@ def _print_human(res: dict) -> None:
     else:
         by = "k" if mode == "k" else "swaps"
         extra = "" if mode == "k" else f" {'tau':>6}"
-        print(f"{'model':>16} {'bn':>12} {by:>5} {'mean':>8} {'std':>6}{extra}")
+        print(f"{'model':>16} {'bn':>12} {by:>5} {res['split'] + ' err':>8} {'std':>6}{extra}")
         for s in res["summary"]:
             t = "" if mode == "k" else f" {s['tau_mean']:6.3f}"
             print(f"{s['model']:>16} {s['bn']:>12} {s[by]:>5} {_pct(s['mean'])} {100 * s['std']:6.2f}{t}")

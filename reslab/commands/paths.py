@@ -10,6 +10,10 @@ k-subsets per length; the paper's quantity C(n, k) x E||g_path||, Fig. 6); ``--m
 the gradients of ALL paths of each length in one backward sweep per batch (reslab's
 ``exact_path_gradients``; ``summed_norm`` per length, paths can cancel, so it is not the paper's
 total; no PNG). The default stays ``sample`` because that is the quantity the paper plots.
+
+Data: the gradients are measured on random batches of the TRAINING set by default (Veit et
+al. 2016 §5: "random batches from the training set"; ``--grad-data test`` takes batches of the
+evaluated split, ``--split test|val``, default test); every output says which.
 """
 from __future__ import annotations
 
@@ -39,7 +43,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--bn", choices=("eval", "train"), default="eval", help="BatchNorm mode of the measurement")
     p.add_argument("--mass", type=float, default=0.9, help="share of the total gradient in the effective range")
     p.add_argument("--batch-size", type=int, default=32, help="images per sample (default 32)")
-    p.add_argument("--max-images", type=int, default=1024, help="test images to draw batches from (default 1024)")
+    p.add_argument("--max-images", type=int, default=1024,
+                   help="images to draw batches from (default 1024): max-images // batch-size random training "
+                        "batches with --grad-data train, a fixed subset of the split with --grad-data test")
+    p.add_argument("--grad-data", choices=("train", "test"), default="train",
+                   help="data of the gradient measurement: random training batches (default; Veit et al. 2016 §5) "
+                        "or batches of the evaluated split (--split)")
     add_common(p)
     p.set_defaults(func=run)
     return p
@@ -71,8 +80,8 @@ def _distribution(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if not args.targets:
         return _distribution(args)
-    from reslab.analysis.lesion import load_for_analysis
-    from reslab.analysis.report_sections import run_paths_experiment
+    from reslab.analysis.report_sections import grad_data_name, run_paths_experiment
+    from reslab.studies.inputs import load_for_analysis
 
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
@@ -80,25 +89,29 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--mass must be in (0, 1], got {args.mass}")
     models, evals = {}, {}
     for target, label in zip(args.targets, labels_for(args)):
+        on_train = args.grad_data == "train"
         inp = load_for_analysis(target, device=args.device, which=args.which, data_dir=args.data_dir,
-                                max_images=args.max_images, batch_size=args.batch_size, label=label)
+                                max_images=args.max_images, batch_size=args.batch_size, split=args.split,
+                                train_batches=max(1, args.max_images // args.batch_size) if on_train else 0,
+                                label=label)
         if inp.label in models:
             raise ValueError(f"two targets are both named {inp.label!r}; name them with --labels a,b,...")
-        models[inp.label], evals[inp.label] = inp.model, inp.eval_batches
+        models[inp.label], evals[inp.label] = inp.model, inp.train if on_train else inp.batches
+    grad_data = "train" if args.grad_data == "train" else args.split
     out = args.out or default_out(args.targets[0])
     with make_progress(args) as progress:
         res = run_paths_experiment(models, evals, out, ks=args.ks, samples=args.samples, at=args.at, bn=args.bn,
-                                   seed=args.seed, mass=args.mass, progress=progress.update,
+                                   seed=args.seed, mass=args.mass, progress=progress.update, grad_data=grad_data,
                                    method=args.method)
     if args.json:
-        print(json.dumps(dict(method=args.method, summary=res["summary"], files=res["files"])))
+        print(json.dumps(dict(method=args.method, grad_data=grad_data, summary=res["summary"], files=res["files"])))
         return 0
     where = "first residual unit's input" if args.at == "unit" else "image"
     for label, r in res["results"].items():
         s = res["summary"][label]
         print(f"{label}: {r.n_units} units, {r.n_routable} with a shortcut; 95% of paths have length "
-              f"{s['path_range_95'][0]}-{s['path_range_95'][1]}; gradient at the {where}, {args.bn}-mode BN, "
-              f"method {args.method}")
+              f"{s['path_range_95'][0]}-{s['path_range_95'][1]}; gradient at the {where}, {args.bn}-mode BN, on "
+              f"{grad_data_name(grad_data)}; method {args.method}")
         if args.method == "exact":
             _print_exact(r, s, args.mass)
             continue

@@ -116,11 +116,59 @@ def results_section(ctx: DemoContext) -> ReportSection:
     return ReportSection("Results", table + note, [(fig.name, "Training loss and train/test error per epoch.")])
 
 
+# ---- the analysis sections (Veit et al. 2016): data from reslab.studies.inputs, analysis pure -------------
+def demo_lesion_section(ctx: DemoContext) -> ReportSection:
+    """Lesion study of every demo network (ResNet and plain twin side by side) on the test split,
+    frozen BN and BN recalibrated on augmented training batches (the demo's own training
+    augmentation; reslab.studies.inputs)."""
+    from reslab.analysis.report_sections import LESION_TITLE, _lesion_body
+    from reslab.studies.inputs import DEMO_CALIB_BATCHES, demo_batches, demo_calib_batches, demo_models
+
+    models, _ = demo_models(ctx)
+    calib = demo_calib_batches(ctx, DEMO_CALIB_BATCHES)
+    augmented = _demo_has_config(ctx)
+    results: dict[str, Any] = {}
+    body, figs = _lesion_body(models, demo_batches(ctx.eval_set), ctx.out_dir, calib=calib, ks=None, repeats=5,
+                              seed=0, n_calib=DEMO_CALIB_BATCHES, progress=getattr(ctx, "progress", None),
+                              results=results, split="test",
+                              calib_kind="augmented training batches" if augmented else "training images")
+    if isinstance(getattr(ctx, "extras", None), dict):
+        ctx.extras["lesion"] = results  # the report's first paragraph quotes these numbers
+    return ReportSection(LESION_TITLE, body, figs)
+
+
+def _demo_has_config(ctx: Any) -> bool:
+    run = next(iter(ctx.runs.values()), None)
+    return isinstance(getattr(getattr(run, "result", None), "config", None), TrainConfig)
+
+
+def demo_paths_section(ctx: DemoContext) -> ReportSection | None:
+    """Path-length analysis of the demo's residual network (the plain twin has a single path),
+    gradients on random training batches (Veit et al. 2016 §5); ``None`` without a residual network."""
+    from reslab.analysis.report_sections import PATHS_TITLE, _paths_body
+    from reslab.studies.inputs import demo_batches, demo_models
+
+    models, residual = demo_models(ctx)
+    if residual is None:
+        return None
+    train_set = getattr(ctx, "train_set", None)
+    if train_set is not None:
+        batches, grad_data = demo_batches(train_set.subset(min(len(train_set), 8 * 32), seed=2), 32), "train"
+    else:
+        batches, grad_data = demo_batches(ctx.eval_set, 32), "test"
+    body, figs = _paths_body(models[residual], batches, ctx.out_dir, label=residual, samples=8, at="unit",
+                             bn="eval", seed=0, mass=0.9, progress=getattr(ctx, "progress", None), grad_data=grad_data)
+    return ReportSection(PATHS_TITLE, body, figs)
+
+
+def demo_sections() -> list[Section]:
+    """The analysis sections :func:`default_sections` appends: lesion study, path lengths."""
+    return [demo_lesion_section, demo_paths_section]
+
+
 def default_sections() -> list[Section]:
     """The report's sections, in order (a fresh list; extend it to add analyses):
     setup, results, then the lesion study and path-length analysis (Veit et al. 2016)."""
-    from reslab.analysis.report_sections import demo_sections
-
     return [setup_section, results_section, *demo_sections()]
 
 
