@@ -8,15 +8,10 @@ import pytest
 import torch
 
 from reslab.cli import main
-from reslab.regularize.sd_train import (
-    FillMissingGrads,
-    GradientStrengthProbe,
-    sd_callbacks,
-    sd_spec_of,
-    with_stochastic_depth,
-)
 from reslab.regularize.stochastic_depth import StochasticDepth
+from reslab.studies.huang2016 import with_stochastic_depth
 from reslab.train import load_config
+from reslab.train.callbacks import FillMissingGrads, GradientStrengthProbe, sd_callbacks, sd_spec_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.num_train=64", "data.num_test=32", "train.tensorboard=false", "train.progress=false",
@@ -92,8 +87,8 @@ def test_cli_schedule_json(capsys):
 
 
 def test_cli_sweep_grad_and_test(tmp_path, capsys):
-    sets = [a for s in TINY for a in ("--set", s)]
-    base = ["--model", "cifar_resnet20", "--data", "synthetic", "--epochs", "1", "--batch-size", "32", *sets]
+    sets = [a for s in [*TINY, "data.val_split=16"] for a in ("--set", s)]
+    base = ["--model", "cifar_resnet20", "--data", "synthetic", "--epochs", "1", "--batch-size", "16", *sets]
     out = tmp_path / "sweep"
     assert main(["sd", "sweep", *base, "--survival", "0.5", "--rules", "linear", "--recalibrate-bn", "1",
                  "--out", str(out)]) == 0
@@ -117,7 +112,8 @@ def test_cli_sweep_grad_and_test(tmp_path, capsys):
     assert main(["sd", "grad", *base, "--survival", "0.5", "--out", str(g)]) == 0
     data = json.loads((g / "gradient_strength.json").read_text())
     assert set(data["runs"]) == {"constant", "linear-pL0.5"}
-    assert all(len(r["per_step"]) == 2 for r in data["runs"].values())
+    assert data["probe"] == "first_conv"
+    assert all(len(r["per_epoch"]) == 1 and r["per_epoch"][0]["steps"] == 3 for r in data["runs"].values())
     assert (g / "gradient_strength.png").is_file()
 
 
@@ -141,7 +137,7 @@ def test_bench_sd_runs_and_reports_ratio():
 def test_interrupted_variant_resumes(tmp_path):
     from dataclasses import replace
 
-    from reslab.regularize.sd_train import RESULT_FILE, train_variant
+    from reslab.studies.huang2016 import RESULT_FILE, train_variant
 
     cfg = load_config(None, ["model.name=cifar_resnet20", "data.name=synthetic", "train.epochs=1",
                              "train.batch_size=32", *TINY])

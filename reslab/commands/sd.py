@@ -1,6 +1,7 @@
 """``reslab sd {schedule,sweep,grad,test}``: stochastic depth (Huang et al. 2016).
 
-Thin wrappers over :mod:`reslab.regularize.stochastic_depth` and :mod:`reslab.regularize.sd_train`.
+Thin wrappers over :mod:`reslab.regularize.stochastic_depth` and the study code in
+:mod:`reslab.studies.huang2016` (the same functions ``reslab study huang2016`` uses).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="sets train.seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (dotted key, YAML value); repeatable")
-    p.add_argument("--mode", default="batch", help="batch (paper), batch-mask or row")
+    p.add_argument("--mode", default=None,
+                   help="batch (paper), batch-mask or row (default: the config's stochastic_depth.mode, else batch)")
     p.add_argument("--out", required=True, help="output directory (one run directory per variant inside)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="training progress: a bar on a terminal, a line per epoch otherwise (default: on)")
@@ -60,14 +62,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="also report the error after re-estimating BN statistics on N training batches")
     w.set_defaults(func=run_sweep)
 
-    g = sub.add_parser("grad", help="mean |gradient| at the first residual unit, with vs without stochastic depth")
+    g = sub.add_parser("grad", help="mean |gradient| at the first residual block, with vs without stochastic depth")
     _add_run_args(g)
     g.add_argument("--survival", type=float, default=0.5, help="p_L of the stochastic-depth run (default 0.5)")
     g.add_argument("--rule", default="linear")
-    g.add_argument("--unit", type=int, default=0, help="0-based index of the probed unit (default 0: the first)")
+    g.add_argument("--probe", choices=("first_conv", "unit0_convs"), default="first_conv",
+                   help="first_conv: the first conv of the first residual block (the paper's layer, default); "
+                        "unit0_convs: mean over every conv weight of the first unit")
     g.set_defaults(func=run_grad)
 
-    t = sub.add_parser("test", help="test error of a run's best (validation-selected) checkpoint")
+    t = sub.add_parser("test", help="test error of a run's best (validation-selected) or last checkpoint")
     t.add_argument("run", help="run directory or checkpoint")
     t.add_argument("--which", choices=("best", "last"), default="best")
     t.add_argument("--split", choices=("test", "eval"), default="test",
@@ -135,43 +139,44 @@ def _base_config(args: argparse.Namespace):
              ("train.epochs", args.epochs), ("train.batch_size", args.batch_size), ("train.seed", args.seed)]
     flags = [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in pairs if v is not None]
     cfg = load_config(args.config, flags + list(args.overrides))
-    if "stochastic_depth" in cfg.model.kwargs:
-        # The sweep sets it per variant; a base config's own setting would be silently replaced.
-        from reslab.regularize.sd_train import with_stochastic_depth
-
-        cfg = with_stochastic_depth(cfg, None)
+    # A base config's stochastic_depth options (drop_downsample, fill_missing_grads, scale, seed, mode)
+    # are kept: the sweep varies only final_survival and rule (reslab.studies.huang2016.sweep_configs).
     return cfg
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from reslab.regularize.sd_train import sweep
+    from reslab.studies.huang2016 import sweep
 
     rows = sweep(_base_config(args), args.out, args.survival, args.rules, mode=args.mode,
                  recalibrate_bn=args.recalibrate_bn, progress=_show_progress(args), constant=not args.no_constant)
     for r in rows:
-        extra = f", recalibrated {100 * r['final_error_recal']:.2f}%" if "final_error_recal" in r else ""
-        print(f"{r['variant']:>18s}  E[depth] {r['expected_depth']:6.2f}  final error {100 * r['final_error']:.2f}%  "
-              f"best {100 * r['best_error']:.2f}%{extra}")
+        extra = (f", recalibrated {100 * r['test_error_final_recal']:.2f}%"
+                 if r.get("test_error_final_recal") is not None else "")
+        best = r.get("test_error_at_best_val")
+        best_txt = (f"test error at best-val epoch {r['best_val_epoch']}: {100 * best:.2f}%" if best is not None
+                    else "no validation split: no best epoch")
+        print(f"{r['variant']:>18s}  E[depth] {r['expected_depth']:6.2f}  final-epoch test error "
+              f"{100 * r['test_error_final']:.2f}%  {best_txt}{extra}")
     print(f"wrote {args.out}/sweep.csv, sweep.md, sweep.png")
     return 0
 
 
 def run_grad(args: argparse.Namespace) -> int:
-    from reslab.regularize.sd_train import gradient_strength
+    from reslab.studies.huang2016 import gradient_strength
 
     res = gradient_strength(_base_config(args), args.out, args.survival, args.rule, mode=args.mode,
-                            unit_index=args.unit, progress=_show_progress(args))
+                            probe=args.probe, progress=_show_progress(args))
     for label, r in res["runs"].items():
-        vals = [e["mean_abs_grad"] for e in r["per_epoch"] if e["mean_abs_grad"] is not None]
+        vals = [e["grad_abs_mean"] for e in r["per_epoch"] if e.get("grad_abs_mean") is not None]
         mean = sum(vals) / len(vals) if vals else float("nan")
-        print(f"{label:>14s}: mean |grad| at unit {args.unit + 1} over epochs {mean:.3e}; "
-              f"final error {100 * r['final_error']:.2f}%")
+        print(f"{label:>14s}: mean |grad| ({args.probe}) over epochs {mean:.3e}; "
+              f"final-epoch test error {100 * r['test_error_final']:.2f}%")
     print(f"wrote {args.out}/gradient_strength.json, .csv, .png")
     return 0
 
 
 def run_test(args: argparse.Namespace) -> int:
-    from reslab.regularize.sd_train import run_test_error
+    from reslab.studies.huang2016 import run_test_error
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -181,6 +186,7 @@ def run_test(args: argparse.Namespace) -> int:
         print(json.dumps(res))
     else:
         extra = f"; after BN recalibration {100 * res['error_recal']:.2f}%" if "error_recal" in res else ""
-        print(f"{res['checkpoint']} (epoch {res['epoch']}): {res['split']} error {100 * res['error']:.2f}% "
+        sel = " (chosen on the validation split)" if res["selected_on"] == "val" else ""
+        print(f"{res['checkpoint']} (epoch {res['epoch']}{sel}): {res['split']} error {100 * res['error']:.2f}% "
               f"on {res['n']} images{extra}")
     return 0

@@ -64,7 +64,7 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool | s
     Overrides whose value is ``None`` are dropped, so a CLI can pass optional flags
     unconditionally. ``stochastic_depth=...`` (a final survival probability, a dict or a
     config object) is applied to the built model's residual units by
-    :func:`reslab.regularize.stochastic_depth.apply_stochastic_depth`. An override the entry point does not accept raises ``ValueError``
+    :func:`reslab.models.stochastic_depth.apply_stochastic_depth`. An override the entry point does not accept raises ``ValueError``
     naming the accepted keywords. ``zero_init_last=True`` zeroes the output layer of every residual
     branch (timm's ``zero_init_last``, torchvision's ``zero_init_residual``;
     :func:`reslab.models.init.zero_init_last_`), for every residual family.
@@ -129,7 +129,7 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool | s
         zero_init_last_(model)
     if sd is not None:
         # Stochastic depth applies to every family through its residual units.
-        from reslab.regularize.stochastic_depth import apply_stochastic_depth
+        from reslab.models.stochastic_depth import apply_stochastic_depth
 
         apply_stochastic_depth(model, sd)
     if pcfg is not None:

@@ -343,7 +343,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         callbacks: :class:`Callback` objects called from the loop.
         progress: force the tqdm bar on/off (default: ``cfg.train.progress``, terminals only).
     """
-    from reslab.regularize.sd_train import FillMissingGrads, sd_callbacks
+    from reslab.train.callbacks import FillMissingGrads, sd_callbacks
 
     callbacks = list(callbacks)
     if not any(isinstance(cb, FillMissingGrads) for cb in callbacks):
