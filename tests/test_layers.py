@@ -44,18 +44,9 @@ LAYERS: dict[str, tuple[int, str]] = {
 # models and batches; they load no data set).
 FORBIDDEN: set[tuple[str, str]] = {("analysis", "data"), ("regularize", "data")}
 
-# (module, package) violations other work is removing right now: the stochastic-depth training
-# loop in reslab/regularize/sd_train.py (it imports train, and data, analysis and report with it)
-# moves to reslab.studies.huang2016, and reslab/models/registry.py stops importing regularize.
-# Allowed, not required, so the test passes before and after that change; empty this set once it
-# has landed.
-KNOWN_VIOLATIONS: set[tuple[str, str]] = {
-    ("reslab.regularize.sd_train", "reslab.train"),
-    ("reslab.regularize.sd_train", "reslab.data"),
-    ("reslab.regularize.sd_train", "reslab.analysis"),
-    ("reslab.regularize.sd_train", "reslab.report"),
-    ("reslab.models.registry", "reslab.regularize"),
-}
+# (module, package) violations being removed; empty since reslab/regularize/sd_train.py moved to
+# reslab.train.callbacks / reslab.studies.huang2016 and the registry imports reslab.models.stochastic_depth.
+KNOWN_VIOLATIONS: set[tuple[str, str]] = set()
 
 
 def _module_name(path: pathlib.Path) -> str:
