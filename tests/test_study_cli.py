@@ -134,12 +134,27 @@ def test_runner_plan_collect_train_reuse(tmp_path: Path, monkeypatch: pytest.Mon
     assert "| net | cifar_resnet | trained |" in report and "- one step instead of many" in report
     assert f"| steps | 1 | {NOT_STATED} | §1 |" in report and "![fig](fig.png)" in report and "## Extra" in report
     # now --collect works, --plan has nothing left, and a second run reuses
-    assert run_study(study, "smoke", store=store, out=tmp_path / "c", collect_only=True, progress=lines.append)
+    assert run_study(study, "smoke", store=store, out=tmp_path / "c", collect_only=True, recompute=True,
+                     progress=lines.append)
     assert study.seen.source == {"net": "reused"}
     assert run_study(study, "smoke", store=store, plan_only=True, progress=lines.append) == []
     monkeypatch.setattr("reslab.train.train", lambda *a, **k: pytest.fail("trained a finished run"))
     run_study(study, "smoke", store=store, out=tmp_path / "r", progress=lines.append)
     assert "| net | cifar_resnet | reused |" in (tmp_path / "r" / "report.md").read_text()
+    # the analyses are kept in the store too: a further run analyses nothing and gives the same numbers
+    first = json.loads((tmp_path / "r" / "results.json").read_text())
+    monkeypatch.setattr(study, "analyse", lambda ctx: pytest.fail("re-analysed a stored analysis"))
+    run_study(study, "smoke", store=store, out=tmp_path / "again", progress=lines.append)
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["analysis"]["action"] == "reused" and again["results"] == first["results"]
+    assert again["comparisons"] == first["comparisons"] and again["trends"] == first["trends"]
+    assert (tmp_path / "again" / "fig.png").read_bytes() == (out / "fig.png").read_bytes()
+    assert "Analyses: reused from the store" in (tmp_path / "again" / "report.md").read_text()
+    monkeypatch.undo()
+    monkeypatch.setattr("reslab.studies.get_study", lambda name: study)
+    assert main(["study", "tiny", "--store", str(store), "--out", str(tmp_path / "re"), "--recompute"]) == 0
+    redo = json.loads((tmp_path / "re" / "results.json").read_text())
+    assert redo["analysis"]["action"] == "computed" and redo["results"] == first["results"]
 
 
 def test_runner_pretrained_uses_shipped_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

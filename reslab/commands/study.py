@@ -30,6 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--collect", action="store_true", help="write the report from finished runs only")
     p.add_argument("--pretrained", action="store_true",
                    help="use shipped weights (`reslab weights list`) for the runs that name them, instead of training")
+    p.add_argument("--recompute", action="store_true",
+                   help="redo the analyses even when the store already holds them for these runs and options")
     p.set_defaults(func=run)
     return p
 
@@ -67,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = run_study(study, args.budget, store=args.store, out=args.out, data_dir=args.data_dir, device=device,
                        plan_only=args.plan, collect_only=args.collect, pretrained=args.pretrained,
+                       recompute=args.recompute,
                        progress=err if args.plan else (lambda m: print(m, flush=True)))
     if args.plan:
         for line in result:

@@ -106,8 +106,64 @@ def _figures_into(out: Path, figures: list[Path]) -> list[Path]:
     return rel
 
 
+def analysis_key(study: Study, plan: Plan, records: list[dict[str, Any]], device: str) -> str:
+    """Hash of what the analyses depend on: study, budget, options, the runs (store keys or shipped
+    tags), the device type and the reslab version. Same key: the cached analysis is reused."""
+    import hashlib
+
+    from reslab import __version__
+
+    blob = json.dumps(_jsonable({"study": study.name, "budget": plan.budget, "options": dict(plan.options),
+                                 "data": plan.data, "runs": sorted((r["name"], r["action"] == "pretrained",
+                                                                    r.get("key") or r["where"]) for r in records),
+                                 "device": device.split(":")[0], "reslab": __version__}), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _save_analysis(folder: Path, result: StudyResult, figures: list[Path], out: Path, analyse_s: float) -> None:
+    """Keep ``result`` and its figures in the store (``STORE/analyses/<study>-<budget>-<key>``)."""
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in figures:
+        dst = tmp / f
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out / f, dst)
+    doc = {"results": result.results, "sections": result.sections, "figures": [f.as_posix() for f in figures],
+           "comparisons": [dict(what=c.what, measured=c.measured, paper=c.paper, source=c.source, note=c.note)
+                           for c in result.comparisons],
+           "trends": [list(t) for t in result.trends], "analyse_time_s": analyse_s,
+           "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    (tmp / "analysis.json").write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process cached the same analysis first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_analysis(folder: Path, out: Path) -> tuple[StudyResult, list[Path], dict[str, Any]] | None:
+    """The cached analysis in ``folder`` (figures copied into ``out``), or None."""
+    from reslab.studies.base import Comparison
+
+    f = folder / "analysis.json"
+    if not f.is_file():
+        return None
+    try:
+        doc = json.loads(f.read_text())
+        figures = [Path(p) for p in doc["figures"]]
+        for p in figures:
+            (out / p).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / p, out / p)
+        result = StudyResult(results=doc["results"], sections=list(doc["sections"]), figures=[out / p for p in figures],
+                             comparisons=[Comparison(**c) for c in doc["comparisons"]],
+                             trends=[tuple(t) for t in doc["trends"]])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable cache: recompute
+    return result, figures, doc
+
+
 def _report(study: Study, plan: Plan, result: StudyResult, runs: list[dict[str, Any]], figures: list[Path],
-            wall_s: float, created: str, store: Path) -> str:
+            wall_s: float, created: str, store: Path, analysis: dict[str, Any] | None = None) -> str:
     from reslab import __version__
 
     lines = [f"# {study.title or study.name}", "", f"Paper: {study.paper or NOT_STATED}", "",
@@ -126,6 +182,14 @@ def _report(study: Study, plan: Plan, result: StudyResult, runs: list[dict[str, 
                           "see their model card for what they were trained and measured on."]
     else:
         lines.append("No training runs: this study computes everything it reports.")
+    if analysis is not None:
+        if analysis["action"] == "reused":
+            lines += ["", f"Analyses: reused from the store (`analyses/...-{analysis['key']}`, computed "
+                          f"{analysis.get('computed')} in {analysis.get('compute_time_s') or 0:.1f} s; "
+                          f"`--recompute` redoes them)."]
+        else:
+            lines += ["", f"Analyses: computed in {analysis['compute_time_s']:.1f} s (kept in the store as "
+                          f"`analyses/...-{analysis['key']}`)."]
     lines += ["", "## What differs from the paper", ""]
     lines += [f"- {d}" for d in plan.deviations] or ["- none stated"]
     lines += ["", "## Paper vs measured", ""]
@@ -153,7 +217,7 @@ def _report(study: Study, plan: Plan, result: StudyResult, runs: list[dict[str, 
 def run_study(study: Study, budget: str, *, store: str | os.PathLike | None = None,
               out: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
               device: str = "auto", plan_only: bool = False, collect_only: bool = False, pretrained: bool = False,
-              progress: Callable[[str], None] = print) -> Path | list[str]:
+              recompute: bool = False, progress: Callable[[str], None] = print) -> Path | list[str]:
     """Run ``study`` at ``budget`` and write its report; returns the output folder.
 
     Args:
@@ -166,6 +230,8 @@ def run_study(study: Study, budget: str, *, store: str | os.PathLike | None = No
         plan_only: return (without training) the ``reslab train`` commands of the runs not finished.
         collect_only: train nothing; a ValueError names the runs not finished yet.
         pretrained: runs whose RunSpec names a shipped weight use it instead of training.
+        recompute: redo the analyses even when the store holds them for the same runs and options
+            (``STORE/analyses``: a second run of a study trains nothing and analyses nothing).
         progress: where progress lines go.
     """
     if plan_only and collect_only:
@@ -224,18 +290,31 @@ def run_study(study: Study, budget: str, *, store: str | os.PathLike | None = No
     ctx = StudyContext(plan=plan, runs=runs, source=source, out=out_p,
                        data_dir=str(data_dir) if data_dir is not None else None,
                        device=_concrete_device(device), progress=progress)
-    progress(f"{label}: analysing")
-    t_an = time.monotonic()
-    result = study.analyse(ctx)
-    analyse_s = time.monotonic() - t_an
-    figures = _figures_into(out_p, list(result.figures))
+    akey = analysis_key(study, plan, records, ctx.device)
+    cache = store_p / "analyses" / f"{study.name}-{budget}-{akey}"
+    cached = None if recompute else _load_analysis(cache, out_p)
+    if cached is not None:
+        result, figures, meta = cached
+        analyse_s = 0.0
+        analysis = {"action": "reused", "key": akey, "computed": meta.get("created"),
+                    "compute_time_s": meta.get("analyse_time_s")}
+        progress(f"{label}: analyses reused from {cache} (computed {meta.get('created')}, "
+                 f"{meta.get('analyse_time_s', 0):.1f} s then); --recompute redoes them")
+    else:
+        progress(f"{label}: analysing")
+        t_an = time.monotonic()
+        result = study.analyse(ctx)
+        analyse_s = time.monotonic() - t_an
+        figures = _figures_into(out_p, list(result.figures))
+        _save_analysis(cache, result, figures, out_p, analyse_s)
+        analysis = {"action": "computed", "key": akey, "compute_time_s": analyse_s}
     wall_s = time.monotonic() - t0
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     doc = {
         "study": study.name, "title": study.title, "paper": study.paper, "budget": budget, "data": plan.data,
         "created": created, "wall_time_s": wall_s, "analyse_time_s": analyse_s, "store": str(store_p),
-        "device": ctx.device, "data_dir": ctx.data_dir, "options": dict(plan.options),
+        "device": ctx.device, "data_dir": ctx.data_dir, "options": dict(plan.options), "analysis": analysis,
         "deviations": list(plan.deviations), "runs": records,
         "results": result.results,
         "comparisons": [dict(what=c.what, measured=c.measured, paper=c.paper or NOT_STATED, source=c.source,
@@ -247,7 +326,8 @@ def run_study(study: Study, budget: str, *, store: str | os.PathLike | None = No
         "versions": _versions(),
     }
     (out_p / "results.json").write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
-    (out_p / "report.md").write_text(_report(study, plan, result, records, figures, wall_s, created, store_p))
+    (out_p / "report.md").write_text(_report(study, plan, result, records, figures, wall_s, created, store_p,
+                                             analysis))
     progress(f"{label}: wrote {out_p / 'report.md'} and results.json ({wall_s:.1f} s in all)")
     return out_p
 

@@ -34,8 +34,8 @@ SOURCE_DELETE = "arXiv 1605.06431 §4.2 and §6 (secondary, quoted)"
 # and extra sizes for the linear checks alone (cheap: 2^n small matrix products).
 BUDGET_UNITS: dict[str, dict[str, tuple[int, ...]]] = {
     "smoke": {"route_units": (2, 3), "linear_units": (3, 8)},
-    "laptop": {"route_units": (3, 6, 8), "linear_units": (3, 8, 12)},
-    "paper": {"route_units": (3, 6, 9, 12), "linear_units": (3, 10, 16)},
+    "laptop": {"route_units": (3, 6, 8), "linear_units": (3, 8, 10)},
+    "paper": {"route_units": (3, 6, 9, 10), "linear_units": (3, 10, 12)},
 }
 TOL = 1e-9  # float64 throughout; the errors are rounding (~1e-15)
 
