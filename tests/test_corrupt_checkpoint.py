@@ -28,7 +28,7 @@ from reslab.cli import main
 RUN_ARGS = ["--model", "cifar_resnet20", "--data", "synthetic", "--no-progress", "--set=data.num_train=16",
             "--set=data.num_test=8", "--set=data.image_size=8", "--set=train.batch_size=8", "--set=train.steps=1",
             "--set=train.device=cpu", "--set=train.tensorboard=false", "--set=train.num_threads=1",
-            "--set=train.checkpoint_every_steps=1"]
+            "--set=train.checkpoint_every_steps=1", "--set=data.val_split=8"]  # val: best.safetensors exists
 
 
 def _cli(*argv: str) -> tuple[int, str]:
