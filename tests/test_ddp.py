@@ -119,6 +119,6 @@ def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
     bn = multi / "bn"
     assert json.loads((bn / "env.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (bn / "checkpoints").iterdir()) == \
-        ["best.safetensors", "last.json", "step-00000008.safetensors", "step-00000008.state.pt"]
+        ["last.json", "step-00000008.safetensors", "step-00000008.state.pt"]
     state = ckpt.load_state(ckpt.last_checkpoint(bn)[1])
     assert len(state["rng"]) == 2  # one RNG state per rank

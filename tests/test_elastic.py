@@ -203,7 +203,7 @@ def test_kill_9_one_rank_torchrun_restarts_and_resumes_bit_identical(reference: 
     ref_recs = _records(reference)
     assert [r for r in _records(out) if r["kind"] != "resume"] == ref_recs  # every loss, every evaluation
     leftovers = sorted(f.name for f in (out / ckpt.CKPT_DIR).iterdir())
-    assert leftovers == ["best.safetensors", "last.json", f"{ckpt.step_name(TOTAL_STEPS)}.safetensors",
+    assert leftovers == ["last.json", f"{ckpt.step_name(TOTAL_STEPS)}.safetensors",
                          f"{ckpt.step_name(TOTAL_STEPS)}.state.pt"], leftovers
 
 
@@ -274,7 +274,7 @@ def test_restarted_worker_resumes_last_committed_checkpoint(tmp_path: Path, monk
     a = ckpt.load_weights(ckpt.last_checkpoint(full)[0])[0]
     b = ckpt.load_weights(ckpt.last_checkpoint(crashed)[0])[0]
     _assert_bit_identical(a, b)
-    assert sorted(f.name for f in folder.iterdir()) == ["best.safetensors", "last.json", "step-00000006.safetensors",
+    assert sorted(f.name for f in folder.iterdir()) == ["last.json", "step-00000006.safetensors",
                                                        "step-00000006.state.pt"]
     ckpt.load_weights(folder / "step-00000006.safetensors")  # the stray file was replaced by the real step 6
 

@@ -20,11 +20,13 @@ def _train(out: Path, *extra: str) -> int:
 def test_train_then_eval_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
     assert _train(run) == 0
-    assert "final top1" in capsys.readouterr().out
+    assert "final test top1" in capsys.readouterr().out
     assert main(["eval", str(run), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert set(res) >= {"top1", "loss"} and 0 <= res["top1"] <= 1 and res["model"] == "cifar_resnet20"
-    ckpt = run / "checkpoints" / "best.safetensors"
+    from reslab.train.checkpoint import last_checkpoint
+
+    ckpt = last_checkpoint(run)[0]  # no validation split: no best.safetensors
     assert main(["eval", str(ckpt), "--json", "--tta", "flip"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["tta"] == "flip" and "top1_single" in res

@@ -79,7 +79,7 @@ SMOKE_OPTIONS: dict[str, Any] = {
 
 LAPTOP_OPTIONS: dict[str, Any] = {
     **_COMMON,
-    "which": "best", "batch_size": 250, "eval_images": None, "subset_images": 2000, "calib_batches": 2,
+    "which": "best", "batch_size": 250, "eval_images": None, "subset_images": 2000, "calib_batches": 4,
     "single_bn": ["frozen", "recalibrated"],
     "k_models": ["resnet", "sd"], "k_bn": ["frozen"], "k_repeats": 3,
     "reorder_models": ["resnet", "sd"], "reorder_bn": ["frozen"], "reorder_swaps": [0, 1, 2, 4], "reorder_repeats": 2,
