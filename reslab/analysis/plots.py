@@ -34,10 +34,14 @@ def _figure(size: tuple[float, float]) -> Any:
     return fig
 
 
-def save_figure(fig: Any, path: str | os.PathLike) -> str:
-    """Write ``fig`` as PNG (the folder is created); returns the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, format="png")
+def save_figure(fig: Any, path: str | os.PathLike, **savefig_kw: Any) -> str:
+    """Write ``fig`` as PNG (the folder is created; written to a temporary name, then renamed, so a
+    reader never sees half a file); returns the path."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp")
+    fig.savefig(tmp, format="png", **savefig_kw)
+    os.replace(tmp, path)
     return str(path)
 
 

@@ -43,9 +43,6 @@ def training_curves(runs: Mapping[str, str | os.PathLike], path: str | os.PathLi
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncols=2, borderaxespad=0.0)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    from reslab.analysis.plots import save_figure
+
+    return Path(save_figure(fig, path))

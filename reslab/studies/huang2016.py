@@ -379,12 +379,9 @@ def _figure(size: tuple[float, float] = (6, 4)):
 
 
 def _save(fig: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    from reslab.analysis.plots import save_figure
+
+    return Path(save_figure(fig, path))
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> Path:

@@ -214,9 +214,9 @@ class Unravel(Study):
                            Patch(color="tab:orange", label="5–17 (the paper's effective paths)"),
                            Patch(color="0.6", label="other lengths")], loc="upper right", fontsize=8)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        return path
+        from reslab.analysis.plots import save_figure
+
+        return Path(save_figure(fig, path, dpi=110))
 
 
 STUDY = Unravel()

@@ -827,9 +827,9 @@ def _plot_mc_vs_exact(entry: Mapping[str, Any], path: Path, role: str) -> Path:
            title=f"{role}: where the gradient comes from, two quantities")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    from reslab.analysis.plots import save_figure
+
+    return Path(save_figure(fig, path))
 
 
 # ---- markdown ----------------------------------------------------------------------------------------
