@@ -170,3 +170,14 @@ def test_paths_and_lesion_commands_report_progress_on_stderr(tmp_path: Path, cap
     assert main(["paths", str(run), "--samples", "1", "--batch-size", "4", "--no-progress", "--json",
                  "--out", str(tmp_path / "p2")]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_lesion_axes_name_the_split_the_rows_were_measured_on() -> None:
+    """Issue 9 fix d: a lesion on the validation split is not labelled "test error"."""
+    for split in ("test", "val"):
+        single = [dict(r, split=split) for r in single_rows()]
+        ks = [dict(r, split=split) for r in k_rows()]
+        for fig in (plots.single_lesion_figure(single), plots.k_lesion_figure(ks)):
+            label = fig.axes[0].get_ylabel()
+            assert label.startswith(f"{split} error"), label
+    assert plots.single_lesion_figure(single_rows()).axes[0].get_ylabel().startswith("test error")  # unlabelled rows

@@ -67,6 +67,13 @@ def error_axis(ax: Any, label: str = "test error") -> None:
     ax.grid(alpha=0.3, which="major")
 
 
+def error_label(rows: Sequence[dict[str, Any]]) -> str:
+    """"test error" / "val error": the split the rows were measured on (their ``split`` key;
+    test when they do not say)."""
+    splits = {r.get("split", "test") for r in rows} or {"test"}
+    return f"{'/'.join(sorted(splits))} error"
+
+
 def _legend_outside(ax: Any, **kw: Any) -> Any:
     return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, **kw)
 
@@ -105,7 +112,7 @@ def single_lesion_figure(rows: Sequence[dict[str, Any]], title: str | None = Non
                     transform=ax.get_xaxis_transform(), clip_on=False,
                     label=None if not_measured_done else "not deletable (not measured)")
             not_measured_done = True
-    error_axis(ax)
+    error_axis(ax, error_label(rows))
     if rows:
         n = 1 + max(r["unit"] for r in rows)
         ax.set_xticks(range(n))
@@ -138,7 +145,7 @@ def k_lesion_figure(rows: Sequence[dict[str, Any]], title: str | None = None) ->
         ax.fill_between(k, [_pct_clip(a - c) for a, c in zip(mu, sd)], [_pct_clip(a + c) for a, c in zip(mu, sd)],
                         color=f"C{j}", alpha=0.2, lw=0, label=f"{m} ({b} BN), ± 1 std")
     ax.set_ylim(0, 100)
-    ax.set_ylabel("test error (%)")
+    ax.set_ylabel(f"{error_label(rows)} (%)")
     ax.grid(alpha=0.3)
     ax.set_xlabel("number of deleted units k (k = 0: intact)")
     ax.set_title(title or f"Deleting k random units (band: ± 1 std over {draws} draws per k, within [0, 100]%)",
@@ -172,7 +179,7 @@ def reorder_figure(rows: Sequence[dict[str, Any]], title: str | None = None) -> 
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.set_xlabel("Kendall's tau (original order = 1)")
-    ax.set_ylabel("test error (%)")
+    ax.set_ylabel(f"{error_label(rows)} (%)")
     ax.set_title(title or f"Reordering units (error bars: ± 1 std over {draws} draws per swap count)", fontsize=10)
     _legend_outside(ax)
     return fig
