@@ -38,31 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import reslab
+    from _brief import briefly_trained
+
     from reslab.analysis.bn import recalibrate_bn
     from reslab.analysis.lesion import single_unit_lesion
-    from reslab.data import EvalTransform, eval_batches
-    from reslab.data.synthetic import make_synthetic
+    from reslab.data import eval_batches
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    model = reslab.create_model(args.model).to(dev)
-    full = make_synthetic(args.images + 64 * max(args.train_steps, 1), image_size=32, seed=0)
-    test = full.select(torch.arange(args.images))
-    train = full.select(torch.arange(args.images, len(full)))
-    tf = EvalTransform(full.mean, full.std)
-    t0 = time.perf_counter()
-    if args.train_steps > 0:
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        model.train()
-        for step in range(args.train_steps):
-            x = tf(train.images[64 * step:64 * (step + 1)].to(dev))
-            y = train.labels[64 * step:64 * (step + 1)].to(dev)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    t_train = time.perf_counter() - t0
+    model, test, train, tf, t_train = briefly_trained(args.model, args.images, args.train_steps, 32, dev)
     batches = list(eval_batches(test, args.batch_size, tf, dev))
     recalibrate_bn(model, list(eval_batches(train, args.batch_size, tf, dev)), 4)
     model.eval()

@@ -51,32 +51,17 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--samples-per-length must be >= 1, got {args.samples_per_length}")
     torch.set_num_threads(args.threads)
 
-    import reslab
+    from _brief import briefly_trained
+
     from reslab.analysis.bn import recalibrate_bn
     from reslab.analysis.lesion import preserved_bn_stats
     from reslab.analysis.paths import (exact_path_gradients, gradient_per_path_length, input_gradient,
                                        measurement_mode, routable_units, routed)
-    from reslab.data import EvalTransform, eval_batches
-    from reslab.data.synthetic import make_synthetic
+    from reslab.data import eval_batches
 
     torch.manual_seed(args.seed)
-    model = reslab.create_model(args.model)
-    full = make_synthetic(args.batch_size + 64 * max(args.train_steps, 1), image_size=args.image_size, seed=0)
-    test = full.select(torch.arange(args.batch_size))
-    train = full.select(torch.arange(args.batch_size, len(full)))
-    tf = EvalTransform(full.mean, full.std)
-    t0 = time.perf_counter()
-    if args.train_steps > 0:
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        model.train()
-        for step in range(args.train_steps):
-            x = tf(train.images[64 * step:64 * (step + 1)])
-            y = train.labels[64 * step:64 * (step + 1)]
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    t_train = time.perf_counter() - t0
+    model, test, train, tf, t_train = briefly_trained(args.model, args.batch_size, args.train_steps,
+                                                      args.image_size)
     recalibrate_bn(model, list(eval_batches(train, 64, tf, torch.device("cpu"))), 4)
     model.eval()
     x, y = next(iter(eval_batches(test, args.batch_size, tf, torch.device("cpu"))))
