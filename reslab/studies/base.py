@@ -18,6 +18,7 @@ figures into the output folder.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -122,6 +123,23 @@ class Study:
 
     def analyse(self, ctx: StudyContext) -> StudyResult:
         raise NotImplementedError
+
+
+def jsonable(v: Any) -> Any:
+    """JSON-safe copy: paths and other objects as strings, tuples as lists, NaN/inf as strings."""
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 1) == 0:  # numpy / torch scalars
+        return jsonable(v.item())
+    if hasattr(v, "tolist"):
+        return jsonable(v.tolist())
+    return str(v)
 
 
 def check_budget(budget: str) -> str:

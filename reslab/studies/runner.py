@@ -10,7 +10,6 @@ weight (``MODEL:TAG``, ``reslab weights list``) uses it instead of training, and
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import shutil
@@ -20,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from reslab.studies.base import NOT_STATED, Plan, RunSpec, Study, StudyContext, StudyResult, check_budget
+from reslab.studies.base import NOT_STATED, jsonable, Plan, RunSpec, Study, StudyContext, StudyResult, check_budget
 from reslab.studies.store import FINISHED, PARTIAL, default_store, ensure_run, plan_commands, run_dir, run_state
 
 
@@ -52,23 +51,6 @@ def _check_pretrained(spec: RunSpec) -> str:
     assert spec.pretrained is not None
     fetch(get_entry(spec.pretrained))
     return spec.pretrained
-
-
-def _jsonable(v: Any) -> Any:
-    """JSON-safe copy: paths and other objects as strings, tuples as lists, NaN/inf as strings."""
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple, set, frozenset)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else str(v)
-    if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 1) == 0:  # numpy / torch scalars
-        return _jsonable(v.item())
-    if hasattr(v, "tolist"):
-        return _jsonable(v.tolist())
-    return str(v)
 
 
 def _versions() -> dict[str, Any]:
@@ -113,7 +95,7 @@ def analysis_key(study: Study, plan: Plan, records: list[dict[str, Any]], device
 
     from reslab import __version__
 
-    blob = json.dumps(_jsonable({"study": study.name, "budget": plan.budget, "options": dict(plan.options),
+    blob = json.dumps(jsonable({"study": study.name, "budget": plan.budget, "options": dict(plan.options),
                                  "data": plan.data, "runs": sorted((r["name"], r["action"] == "pretrained",
                                                                     r.get("key") or r["where"]) for r in records),
                                  "device": device.split(":")[0], "reslab": __version__}), sort_keys=True, default=str)
@@ -134,7 +116,7 @@ def _save_analysis(folder: Path, result: StudyResult, figures: list[Path], out: 
                            for c in result.comparisons],
            "trends": [list(t) for t in result.trends], "analyse_time_s": analyse_s,
            "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    (tmp / "analysis.json").write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
+    (tmp / "analysis.json").write_text(json.dumps(jsonable(doc), indent=1) + "\n")
     try:
         os.replace(tmp, folder)
     except OSError:  # another process cached the same analysis first: keep theirs
@@ -325,7 +307,7 @@ def run_study(study: Study, budget: str, *, store: str | os.PathLike | None = No
         "figures": [f.as_posix() for f in figures],
         "versions": _versions(),
     }
-    (out_p / "results.json").write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
+    (out_p / "results.json").write_text(json.dumps(jsonable(doc), indent=1) + "\n")
     (out_p / "report.md").write_text(_report(study, plan, result, records, figures, wall_s, created, store_p,
                                              analysis))
     progress(f"{label}: wrote {out_p / 'report.md'} and results.json ({wall_s:.1f} s in all)")

@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from reslab.studies.base import (Comparison, PaperValue, Plan, RunSpec, Study, StudyContext,
+from reslab.studies.base import (Comparison, jsonable, PaperValue, Plan, RunSpec, Study, StudyContext,
                                  StudyResult, check_budget)
 from reslab.studies.recipes import LAPTOP_EPOCHS, laptop_config, sd_kwargs
 
@@ -532,7 +532,7 @@ class Veit2016(Study):
                          for role in ROLES},
             "protocol": dict(test_images=n_test["resnet"], subset_images=_n_images(subset["resnet"]),
                              subset_seed=o["seed"], calib_images=_n_images(calib["resnet"] or []),
-                             checkpoint=o["which"], options=_jsonable(o)),
+                             checkpoint=o["which"], options=jsonable(o)),
         }
         figures: list[Path] = []
         csv_rows: dict[str, list[dict[str, Any]]] = {"single": [], "k": [], "reorder": []}
@@ -776,16 +776,6 @@ def _model_name(inp: Any) -> str:
     elif sd is not None:
         name += f" + SD (p_L={sd})"
     return name
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (int, float, str, bool)) or v is None:
-        return v
-    return str(v)
 
 
 def _sd_vs_resnet(res: Mapping[str, Any]) -> dict[str, Any]:
