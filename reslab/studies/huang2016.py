@@ -28,7 +28,7 @@ import math
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -36,7 +36,7 @@ from reslab.regularize.stochastic_depth import StochasticDepth
 from reslab.studies.base import (Comparison, PaperValue, Plan, RunSpec, Study, StudyContext, StudyResult,
                                  check_budget)
 from reslab.studies.recipes import LAPTOP_EPOCHS, laptop_config, sd_kwargs
-from reslab.train.callbacks import FillMissingGrads, GradientStrengthProbe, sd_callbacks, sd_spec_of  # noqa: F401
+from reslab.train.callbacks import sd_spec_of
 from reslab.train.engine import Callback
 
 RESULT_FILE = "sd_result.json"
