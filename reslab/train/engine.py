@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import os
 import random
@@ -356,8 +357,18 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
             # machines"); every rank sees the same files: rank 0 writes only after a barrier.
             cfg, resume = resume_config(run_dir, cfg), True
         with _torch_settings(cfg.train, info.device):
-            return _Trainer(cfg, Path(run_dir), resume, list(callbacks), progress, info).run()
+            trainer = _Trainer(cfg, Path(run_dir), resume, list(callbacks), progress, info)
+            result = trainer.run()
+            # Every rank leaves together: rank 0 still writes the last checkpoint when the others
+            # finish, and a peer that tears its process group down early can abort the others.
+            barrier(info)
+            return result
     finally:
+        # Free the DDP reducer and its gloo/nccl work objects (the trainer may sit in reference
+        # cycles) while the interpreter is alive, not at exit: freeing them during interpreter
+        # finalisation can end a worker with SIGABRT after a successful run.
+        trainer = None  # noqa: F841 (drops the reference before the collection)
+        gc.collect()
         shutdown(info)
 
 
