@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import json
 import os
 import random
@@ -364,11 +363,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
             barrier(info)
             return result
     finally:
-        # Free the DDP reducer and its gloo/nccl work objects (the trainer may sit in reference
-        # cycles) while the interpreter is alive, not at exit: freeing them during interpreter
-        # finalisation can end a worker with SIGABRT after a successful run.
-        trainer = None  # noqa: F841 (drops the reference before the collection)
-        gc.collect()
+        trainer = None  # noqa: F841 (shutdown collects it before destroying the process group)
         shutdown(info)
 
 
