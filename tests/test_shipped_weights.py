@@ -45,7 +45,8 @@ def test_shipped_tag_loads_and_is_documented(folder: Path) -> None:
         assert torch.isfinite(model(torch.rand(2, 3, 32, 32))).all()
     acc = cfg["pretrained_cfg"]["accuracy"]
     assert acc and 0.5 < acc["top1"] <= 1.0 and acc["n"] == 10000
-    card = (folder / "README.md").read_text()
+    card = (folder / "model.md").read_text()  # the card beside model.safetensors; README.md is the Hub's pointer
+    assert "(model.md)" in (folder / "README.md").read_text()
     assert "JPEG re-encoding of CIFAR-10" in card and f"{100 * acc['top1']:.2f}%" in card
     assert "/work" not in card and "/work" not in (folder / "config.json").read_text()
 

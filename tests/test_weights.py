@@ -57,7 +57,7 @@ def _run_model(run: Path) -> torch.nn.Module:
 def test_publish_loads_back_identical_with_card_and_header(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "pub"
     assert _publish(tiny_run, "t32", "--out", str(out), "--data-source", "jpeg", "--note", "two steps only") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.md", "model.safetensors"]
     ref = _run_model(tiny_run)
     for target in (out, out / "model.safetensors"):
         m = reslab.create_model(ARCH, pretrained=target).eval()
@@ -79,8 +79,10 @@ def test_publish_loads_back_identical_with_card_and_header(tiny_run: Path, tmp_p
     assert meta["format"] == "reslab-checkpoint-1" and meta["model"] == ARCH and meta["reslab_version"]
     head_cfg = json.loads(meta["pretrained_cfg"])
     assert head_cfg == {k: v for k, v in pc.items() if k not in ("sha256", "file_bytes")}
-    card = (out / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: reslab\n")
+    card = (out / "model.md").read_text()
+    hub = (out / "README.md").read_text()  # the Hub's card: front matter, then a pointer to model.md
+    assert hub.startswith("---\nlibrary_name: reslab\n") and "- cifar_resnet20" in hub and "(model.md)" in hub
+    assert card.startswith("# cifar_resnet20.t32\n")
     for text in ("JPEG re-encoding", acc["command"], acc["command_flip"], "## Recipe", "## Deviations",
                  "two steps only", f"{100 * acc['top1']:.2f}%", pc["sha256"]):
         assert text in card, text
@@ -253,9 +255,10 @@ def test_cifar10_card_says_jpeg_and_gives_the_official_command(tiny_run: Path, t
     pc = json.loads((out / "config.json").read_text())["pretrained_cfg"]
     assert pc["accuracy"] is None and pc["input_size"] == [3, 32, 32] and pc["dataset"] == "cifar10"
     assert pc["official_test_command"].startswith("reslab eval cifar_resnet20:c10 --data-dir OFFICIAL --json")
-    card = (out / "README.md").read_text()
+    card = (out / "model.md").read_text()
     assert "the JPEG re-encoding of CIFAR-10 distributed with the reslab project" in card
-    assert "measured on the test split of the same copy" in card and "- cifar10" in card  # Hub data set id
+    assert "measured on the test split of the same copy" in card
+    assert "- cifar10" in (out / "README.md").read_text()  # Hub data set id
     assert "Not measured" in card and pc["official_test_command"] in card
     header_cfg = json.loads(read_header(out / "model.safetensors")["config"])
     assert header_cfg["data"]["data_dir"] == "data" and header_cfg["eval"]["tta"] == "none"

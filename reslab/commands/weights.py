@@ -1,7 +1,8 @@
 """``reslab weights list | show TAG | publish RUN --tag TAG``: pretrained weights and their model cards.
 
 ``publish`` turns a finished run into a tag folder in the Hugging Face Hub layout (``model.safetensors``,
-``config.json``, ``README.md``; uploadable unchanged, ``huggingface_hub`` is not needed). With
+``config.json``, ``model.md`` (the card), ``README.md`` (Hub front matter); uploadable unchanged,
+``huggingface_hub`` is not needed). With
 ``--data-dir`` it evaluates the weights *as written* (after ``--half``) on the test split, with the same
 code path as ``reslab eval MODEL:TAG``, and records the accuracy with that exact command. It never selects
 anything on the test set: it publishes the run's last checkpoint (``best`` only when the run chose it on a
@@ -44,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sh.add_argument("tag", help="MODEL.TAG or MODEL:TAG (or MODEL: its default tag)")
     sh.add_argument("--json", action="store_true", help="print config.json")
     sh.set_defaults(func=run_show)
-    pb = sub.add_parser("publish", help="write a run's weights as a tag folder: model.safetensors, config.json, README.md",
+    pb = sub.add_parser("publish", help="write a run's weights as a tag folder: model.safetensors, config.json, "
+                        "model.md, README.md",
                         description="Write RUN's last checkpoint (the weights its evaluation uses) as a tag folder in "
                                     "the Hugging Face Hub layout. With --data-dir, evaluate the written weights on the "
                                     "test split and record the accuracy with its command.")
@@ -136,6 +138,8 @@ def _entry_for(text: str) -> Any:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from reslab.weights import CARD_FILE
+
     e = _entry_for(args.tag)
     if args.json:
         print(json.dumps(dict(e.config), indent=1))
@@ -155,7 +159,7 @@ def run_show(args: argparse.Namespace) -> int:
         print("  accuracy        not measured (publish with --data-dir measures it)")
     if c.get("official_test_command"):
         print(f"  official test   {c['official_test_command']}")
-    print(f"  model card      {e.folder / 'README.md'}")
+    print(f"  model card      {e.folder / CARD_FILE}")
     return 0
 
 
@@ -198,7 +202,8 @@ def publish(run: str | os.PathLike, tag: str, out: str | os.PathLike | None = No
     from reslab import __version__
     from reslab.train import build_model, evaluate_checkpoint
     from reslab.train import checkpoint as ckpt
-    from reslab.weights import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, cache_dir, read_header, sha256_file
+    from reslab.weights import (CARD_FILE, CONFIG_FILE, HUB_CARD_FILE, WEIGHTS_FILE, cache_dir, read_header,
+                                sha256_file)
 
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     wpath = ckpt.resolve_checkpoint(run, which)
@@ -293,25 +298,36 @@ def publish(run: str | os.PathLike, tag: str, out: str | os.PathLike | None = No
               "model_args": dict(info.model_kwargs), "default": bool(default), "pretrained_cfg": pcfg}
     ckpt.atomic_write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     ckpt.atomic_write_text(out_dir / CARD_FILE, model_card(config))
+    ckpt.atomic_write_text(out_dir / HUB_CARD_FILE, hub_readme(config))
     say(f"publish: wrote {out_dir} ({WEIGHTS_FILE} {pcfg['file_bytes']} bytes, sha256 {pcfg['sha256'][:16]}...)")
     return config
 
 
+def hub_readme(config: dict[str, Any]) -> str:
+    """The README.md of a tag folder: the Hugging Face Hub front matter and a pointer to the card (model.md)."""
+    import yaml
+
+    c = config["pretrained_cfg"]
+    front = {"library_name": "reslab", "license": c.get("license", "mit"),
+             "tags": ["image-classification", "reslab", c["architecture"]], "metrics": ["accuracy"]}
+    if c["dataset"] in DATASET_IDS:
+        front["datasets"] = [DATASET_IDS[c["dataset"]]]
+    return "\n".join(["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {c['name']}", "",
+                      "The model card (data and split, accuracy with its command, recipe, deviations) is "
+                      "[model.md](model.md).", ""])
+
+
 def model_card(config: dict[str, Any]) -> str:
-    """The README.md of a tag folder: Hugging Face Hub front matter, then use, data, accuracy, recipe, deviations."""
+    """The model card (model.md) of a tag folder: use, data, accuracy, recipe, deviations, files."""
     import yaml
 
     c = config["pretrained_cfg"]
     name, arch, spec = c["name"], c["architecture"], f"{c['architecture']}:{c['tag']}"
     ds = c["dataset"]
     ds_name = DATASET_NAMES.get(ds, ds)
-    front = {"library_name": "reslab", "license": c.get("license", "mit"),
-             "tags": ["image-classification", "reslab", arch], "metrics": ["accuracy"]}
-    if ds in DATASET_IDS:
-        front["datasets"] = [DATASET_IDS[ds]]
     paper = next((text for prefix, text in PAPERS if arch.startswith(prefix)), None)
     acc = c.get("accuracy")
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
+    lines = [f"# {name}", "",
              f"`{arch}` ({c['params']:,} parameters"
              + (f"; {paper})" if paper else ")") + f" trained with reslab {c['reslab_version']} on {ds_name}.",
              "", "## Use", "", "```python", "import reslab",

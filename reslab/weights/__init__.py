@@ -5,11 +5,11 @@ Use them through ``reslab.create_model(name, pretrained=True | "TAG" | PATH)`` o
 target of ``reslab eval`` / ``lesion`` / ``paths``; write them with ``reslab weights publish``.
 See docs/weights.md.
 """
-from reslab.weights.pretrained import (CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, WeightsEntry, cache_dir, default_entry,
-                                       fetch, get_entry, list_pretrained, load_pretrained, published_file,
+from reslab.weights.pretrained import (CARD_FILE, CONFIG_FILE, HUB_CARD_FILE, WEIGHTS_FILE, WeightsEntry, cache_dir,
+                                       default_entry, fetch, get_entry, list_pretrained, load_pretrained, published_file,
                                        read_config, read_header, registry, reslab_home, resolve_model_spec,
                                        resolve_pretrained, sha256_file, tags_for, verify)
 
-__all__ = ["CARD_FILE", "CONFIG_FILE", "WEIGHTS_FILE", "WeightsEntry", "cache_dir", "default_entry", "fetch",
-           "get_entry", "list_pretrained", "load_pretrained", "published_file", "read_config", "read_header",
+__all__ = ["CARD_FILE", "CONFIG_FILE", "HUB_CARD_FILE", "WEIGHTS_FILE", "WeightsEntry", "cache_dir", "default_entry",
+           "fetch", "get_entry", "list_pretrained", "load_pretrained", "published_file", "read_config", "read_header",
            "registry", "reslab_home", "resolve_model_spec", "resolve_pretrained", "sha256_file", "tags_for", "verify"]

@@ -8,7 +8,8 @@ Hub layout, so that it can be uploaded unchanged::
                               and ``pretrained_cfg`` (everything below except the file's own sha256)
     <TAG>/config.json         {"architecture", "tag", "name", "num_classes", "model_args",
                                "default", "pretrained_cfg": {..., "sha256", "url"}}
-    <TAG>/README.md           the model card
+    <TAG>/model.md            the model card (data and split, accuracy with its command, recipe)
+    <TAG>/README.md           the Hugging Face Hub front matter and a pointer to model.md
 
 The registry is the union of the folders shipped inside the package (``reslab/weights/<TAG>/``)
 and those under ``$RESLAB_HOME/weights/`` (default ``~/.cache/reslab/weights``, or
@@ -42,7 +43,8 @@ from safetensors.torch import load_file
 PACKAGE_DIR = Path(__file__).resolve().parent
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-CARD_FILE = "README.md"
+CARD_FILE = "model.md"
+HUB_CARD_FILE = "README.md"
 EMA_PREFIX = "ema/"
 _TAG_RE = re.compile(r"^[A-Za-z0-9_]+\.[A-Za-z0-9_\-]+$")
 
