@@ -1,7 +1,7 @@
 """Speed of a reslab model beside another implementation of the same network, and fuse_bn.
 
     python benchmarks/bench_zoo.py [--model cifar_resnet56] [--batch 128] [--steps 1] [--repeats 3]
-                                   [--threads 1] [--image-size S] [--no-timm] [--json]
+                                   [--threads 1] [--image-size S] [--no-timm] [--compile] [--json]
 
 The other implementation is timm's model of the same name when timm is installed and has it,
 otherwise a small plain-PyTorch reference written here (torchvision-layout ResNet/ResNeXt/WRN for
@@ -13,7 +13,12 @@ Measured side by side in one process: for each of ``--repeats`` rounds, each var
 rounds is reported. Train step = forward + cross-entropy + backward + SGD step (train mode);
 inference = eval-mode forward under ``torch.inference_mode``. Ratios: ``ratio_train`` and
 ``ratio_infer`` are reslab / other (> 1: reslab faster), ``fuse_speedup`` is fused / unfused
-reslab inference. This is a benchmark, not a test: numbers depend on the machine and its load.
+reslab inference, ``ratio_fused_infer`` is reslab's fastest fused inference / the other's eager
+inference. ``--compile`` adds ``torch.compile`` of the fused model (``reslab_fused_compiled``,
+compiled once before timing; its compile time is reported) and lets ``ratio_fused_infer`` use it.
+reslab runs with its in-place merge (the default); ``ratio_train_reference_merge`` and
+``ratio_infer_reference_merge`` time the out-of-place merge in the same rounds.
+This is a benchmark, not a test: numbers depend on the machine and its load.
 """
 from __future__ import annotations
 
@@ -196,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch.set_num_threads (default 1: comparable across machines and immune to "
                         "oversubscription on shared ones; 0 keeps torch's default)")
     p.add_argument("--no-timm", action="store_true", help="compare with the plain reference even if timm is there")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the fused model (inference)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.batch < 2 or args.steps < 1 or args.repeats < 1 or args.threads < 0:
@@ -228,11 +234,26 @@ def main(argv: list[str] | None = None) -> int:
         scale = float(ref.abs().max())
         diff_other = float((other(x[:4]) - ref).abs().max()) / scale if same_weights else None
         diff_fused = float((fused(x[:4]) - ref).abs().max()) / scale
-    train = measure({"reslab": train_step_fn(model, x, y), "other": train_step_fn(other, x, y)},
+    ref_merge = reslab.create_model(args.model)  # the same network with the out-of-place merge
+    ref_merge.load_state_dict(model.state_dict())
+    ref_merge.set_inplace_merge(False)
+    train = measure({"reslab": train_step_fn(model, x, y), "other": train_step_fn(other, x, y),
+                     "reslab_reference_merge": train_step_fn(ref_merge, x, y)},
                     args.batch, args.steps, args.repeats)
     fused = fuse_bn(model)  # fuse the trained-for-a-few-steps weights (same cost either way)
-    infer = measure({"reslab": infer_fn(model, x), "other": infer_fn(other, x),
-                     "reslab_fused": infer_fn(fused, x)}, args.batch, args.steps, args.repeats)
+    ref_merge.load_state_dict(model.state_dict())
+    infer_fns = {"reslab": infer_fn(model, x), "other": infer_fn(other, x), "reslab_fused": infer_fn(fused, x),
+                 "reslab_reference_merge": infer_fn(ref_merge, x)}
+    compile_s = None
+    if args.compile:
+        t0 = time.perf_counter()
+        compiled = torch.compile(fuse_bn(model).eval())
+        with torch.inference_mode():
+            compiled(x)  # compile (and autotune) before the timed rounds
+        compile_s = time.perf_counter() - t0
+        infer_fns["reslab_fused_compiled"] = infer_fn(compiled, x)
+    infer = measure(infer_fns, args.batch, args.steps, args.repeats)
+    best_fused = max(v for k, v in infer.items() if k.startswith("reslab_fused"))
     res = dict(
         model=args.model, other=other_kind, batch=args.batch, image_size=side, steps=args.steps,
         repeats=args.repeats, threads=torch.get_num_threads(), torch=torch.__version__,
@@ -241,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio_train=train["reslab"] / train["other"],
         ratio_infer=infer["reslab"] / infer["other"],
         fuse_speedup=infer["reslab_fused"] / infer["reslab"],
+        ratio_fused_infer=best_fused / infer["other"],
+        ratio_train_reference_merge=train["reslab_reference_merge"] / train["other"],
+        ratio_infer_reference_merge=infer["reslab_reference_merge"] / infer["other"],
+        compile_seconds=compile_s,
         seconds=time.perf_counter() - t_start,
     )
     if args.json:
@@ -257,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
           f"ratio {res['ratio_infer']:.3f}")
     print(f"  fuse_bn     fused  {infer['reslab_fused']:8.1f} img/s   unfused {infer['reslab']:8.1f} img/s   "
           f"speed-up {res['fuse_speedup']:.3f}")
+    if compile_s is not None:
+        print(f"  compiled    fused  {infer['reslab_fused_compiled']:8.1f} img/s   (compiled in {compile_s:.1f} s)")
+    print(f"  fused (best) vs other eager inference: ratio {res['ratio_fused_infer']:.3f}")
+    print(f"  out-of-place merge: train ratio {res['ratio_train_reference_merge']:.3f}, "
+          f"inference ratio {res['ratio_infer_reference_merge']:.3f}")
     print(f"  ({res['seconds']:.1f} s)")
     return 0
 

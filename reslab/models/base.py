@@ -98,6 +98,13 @@ class ResidualNetBase(nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = bool(enable)
 
+    def set_inplace_merge(self, enable: bool = True) -> None:
+        """Let units add the shortcut into the branch output in place where nothing else reads it
+        (the default; :meth:`ResidualUnit._may_overwrite`); ``False`` forces the out-of-place
+        reference merge everywhere. Outputs and gradients are bit-identical either way."""
+        for unit in self.residual_units():
+            unit.inplace_merge = bool(enable)
+
     def reset_classifier(self, num_classes: int) -> None:
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")

@@ -50,6 +50,57 @@ def _first_tensor(obj: Any) -> torch.Tensor:
     raise TypeError("empty state")
 
 
+def _call_module(module: nn.Module, x: Any) -> Any:
+    return module(x)
+
+
+# Compiled callers of unit branches, one per group of alike units (a cache, not configuration):
+# each caller is built from its own copy of _call_module's code object, so that each group has its own
+# dynamo cache and recompile limit (one code object shared by all units would hit the limit of 8
+# entries on a deep network once train and eval mode are both compiled).
+_COMPILED_CALLERS: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+
+def _compiled_caller(key: tuple[Any, ...]) -> Callable[..., Any]:
+    fn = _COMPILED_CALLERS.get(key)
+    if fn is None:
+        import types
+
+        code = _call_module.__code__.replace(co_name=f"_call_module_{len(_COMPILED_CALLERS)}")
+        fresh = types.FunctionType(code, _call_module.__globals__, code.co_name)
+        fn = _COMPILED_CALLERS[key] = torch.compile(fresh, **dict(key[-1]))
+    return fn
+
+
+def compile_units(model: nn.Module, **compile_kwargs: Any) -> int:
+    """``torch.compile`` every residual unit's branch while the gate stays in eager Python.
+
+    Stochastic depth's batch mode then still skips a closed branch (nothing of it runs) and a new
+    gate pattern needs no recompilation: the compiled graphs are per branch *kind*, not per
+    pattern. Units of one stage with the same layout share one compiled caller (so the number of
+    compilations is bounded by the number of distinct unit layouts times the train/eval modes,
+    whatever the depth); the modules, their parameters and the state dict are unchanged, and a
+    ``copy.deepcopy`` of the model runs its own weights through the same compiled code.
+    ``compile_kwargs`` go to :func:`torch.compile` (e.g. ``backend``, ``mode``). Returns the number
+    of units compiled. Undo with ``compile_units(model, enable=False)``.
+    """
+    enable = compile_kwargs.pop("enable", True)
+    units = [m for m in model.modules() if isinstance(m, ResidualUnit)]
+    if not units:
+        raise ValueError(f"{type(model).__name__} has no residual units; compile it whole with torch.compile(model)")
+    kw = tuple(sorted(compile_kwargs.items()))
+    for u in units:
+        u.compiled_branch = (type(u.branch).__name__, u.stage, u.downsample, kw) if enable else None
+    return len(units) if enable else 0
+
+
+def _has_global_forward_hooks() -> bool:
+    """Whether ``torch.nn.modules.module.register_module_forward_hook`` hooks are installed."""
+    from torch.nn.modules import module as _m
+
+    return bool(getattr(_m, "_global_forward_hooks", None))
+
+
 class Gate(NamedTuple):
     """One forward's gate decision: ``open`` (branch computed?) and an optional multiplier
     ``mask`` (a scalar or per-sample tensor) applied to the branch output."""
@@ -61,7 +112,14 @@ class Gate(NamedTuple):
 class AddMerge(nn.Module):
     """``act(s + f)``: ReLU after the add for ResNet v1 (``post_act=True``), identity for
     pre-activation units. ``f is None`` (branch removed) gives ``act(s)``; ``s is None``
-    (plain twin, no shortcut) gives ``act(f)``."""
+    (plain twin, no shortcut) gives ``act(f)``.
+
+    :meth:`forward_inplace` computes the same value by adding ``s`` into ``f``'s storage and
+    applying the ReLU in place (timm's blocks do the same; it saves two activation-sized
+    allocations per unit). :class:`ResidualUnit` calls it only when nothing else can read ``f``.
+    """
+
+    supports_inplace = True
 
     def __init__(self, post_act: bool = False) -> None:
         super().__init__()
@@ -78,6 +136,12 @@ class AddMerge(nn.Module):
         else:
             y = s + f
         return self.act(y)
+
+    def forward_inplace(self, s: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """``act(s + f)`` written into ``f`` (bit-identical to :meth:`forward`: IEEE addition
+        commutes and ReLU's backward reads its output either way)."""
+        y = f.add_(s)
+        return torch.relu_(y) if self.post_act else y
 
 
 class ResidualUnit(nn.Module):
@@ -121,6 +185,10 @@ class ResidualUnit(nn.Module):
         self.lesioned: bool = False
         self.route: str = "both"
         self.last_gate_open: bool | None = None
+        # The in-place merge (AddMerge.forward_inplace) where it is safe; False forces the reference merge.
+        self.inplace_merge: bool = True
+        # Set by compile_units: the key of the compiled caller that runs the branch (None: eager).
+        self.compiled_branch: tuple[Any, ...] | None = None
 
     # ---- properties -------------------------------------------------------------------
     @property
@@ -184,21 +252,46 @@ class ResidualUnit(nn.Module):
                         "(downsampling); lesion only non-downsampling units of plain networks")
                 return x
             h = self.preact(x) if self.preact is not None else x
-            f = self._scale(self.branch(h), gate.mask)
+            f = self._scale(self._run_branch(h), gate.mask)
             return self.merge(None, f)
         need_h = self.preact is not None and (not removed or self.shortcut_from_preact)
         h = self.preact(x) if need_h else x
         s = self.shortcut(h if self.shortcut_from_preact else x)
         if removed:
             return self.merge(s, None)
-        f = self._scale(self.branch(h), gate.mask)
+        f = self._scale(self._run_branch(h), gate.mask)
         if self.route == "branch":
             s = tree_map(torch.Tensor.detach, s)
         elif self.route == "shortcut":
             f = tree_map(torch.Tensor.detach, f)
         elif self.route != "both":
             raise ValueError(f"route must be one of {ROUTES}, got {self.route!r}")
+        elif self._may_overwrite(f, s, x, h):
+            return self.merge.forward_inplace(s, f)
         return self.merge(s, f)
+
+    def _run_branch(self, h: Any) -> Any:
+        if self.compiled_branch is None:
+            return self.branch(h)
+        return _compiled_caller(self.compiled_branch)(self.branch, h)
+
+    def _may_overwrite(self, f: Any, s: Any, x: Any, h: Any) -> bool:
+        """Whether the merge may write into the branch output ``f``: route "both" (the caller's
+        check), a merge with ``forward_inplace``, ``f`` a fresh tensor (not the unit's input, its
+        pre-activation, the shortcut, a view or a leaf), and no forward hook anywhere that could
+        hold ``f`` (hooks on the branch's modules, or global ones): then nothing but the merge reads it.
+        Lesions never get here (the branch is not run) and routed gradients take the reference merge."""
+        if not (self.inplace_merge and getattr(self.merge, "supports_inplace", False)):
+            return False
+        if not isinstance(f, torch.Tensor) or not isinstance(s, torch.Tensor):
+            return False
+        if f is x or f is h or f is s or f._base is not None or (f.requires_grad and f.grad_fn is None):
+            return False
+        if f.shape != s.shape or f.dtype != s.dtype or f.stride() != s.stride():
+            return False  # broadcasting, promotion or another memory layout: the reference merge decides
+        if _has_global_forward_hooks():
+            return False
+        return not any(m._forward_hooks for m in self.branch.modules())
 
     def _scale(self, f: Any, mask: torch.Tensor | None) -> Any:
         if mask is not None:

@@ -186,7 +186,7 @@ class RunConfig:
     mix_switch_prob: float = 0.5  # both on: probability of CutMix rather than mixup for a mixed batch
     amp: str = "none"  # none | bf16 | fp16 (fp16 needs CUDA)
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile; with stochastic depth each unit's branch (gates stay eager)
     grad_checkpointing: bool = False
     ema_decay: float | None = None  # exponential moving average of the weights, evaluated instead
     seed: int = 0

@@ -42,6 +42,7 @@ from reslab.data import AugmentSpec, BatchAugment, EvalTransform, ImageDataset, 
 from reslab.data import eval_batches
 from reslab.data.augment import MIX_SEED_TAG, MixSpec, apply_mix, mix_targets, sample_mix
 from reslab.data.loader import derive_seed
+from reslab.models.units import compile_units
 from reslab.regularize import stochastic_depth as sd
 from reslab.train import checkpoint as ckpt
 from reslab.train.config import (OptimConfig, RunConfig, TrainConfig, config_diff, config_to_dict, dump_config,
@@ -453,7 +454,12 @@ class _Trainer:
             self.forward_model = DDP(self.model, device_ids=ids,
                                      find_unused_parameters=t.ddp_find_unused_parameters)
         if t.compile:
-            self.forward_model = torch.compile(self.forward_model)
+            if self.uses_sd:
+                # Compile each unit's branch and keep the gates eager: a closed gate still skips its
+                # branch, and new gate patterns need no recompilation (reslab.models.units.compile_units).
+                compile_units(self.model)
+            else:
+                self.forward_model = torch.compile(self.forward_model)
 
         on_device = cfg.data.data_on_device if cfg.data.data_on_device is not None else info.device.type == "cuda"
         self.loader = TrainLoader(self.train_set, t.batch_size, make_augment(cfg, self.train_set), seed=t.seed,
