@@ -50,3 +50,12 @@ def test_bench_paths_smoke() -> None:
                "--samples-per-length", "1", "--train-steps", "1", "--threads", "1")
     assert out["ratio"] > 0 and out["sum_rel_err"] < 1e-4 and len(out["mc_rel_err_per_length"]) == 10
     assert out["protocol_backward_passes"] == 10 * 1000
+
+
+@pytest.mark.slow
+def test_bench_train_smoke() -> None:
+    out = _run("bench_train.py", "--models", "cifar_resnet20", "--modes", "eager", "--batch", "4", "--steps", "1",
+               "--repeats", "1", "--threads", "1", "--sd", "0.5")
+    (r,) = out["results"]
+    assert out["device"] == "cpu" and r["images_per_s"]["fp32_eager"] > 0 and r["tflops"]["fp32_eager"] > 0
+    assert 0.08 < r["forward_gflop_per_image"] < 0.09  # cifar_resnet20: 40.8M multiply-adds

@@ -12,7 +12,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("path", help="run directory, checkpoint (.safetensors) or pretrained MODEL:TAG")
     p.add_argument("--which", choices=("best", "last"), default="best", help="for a run directory (default best)")
     p.add_argument("--data-dir", help="where the data lives, if not where the run had it")
-    p.add_argument("--tta", choices=("none", "flip"), help="test-time augmentation (default: the run's eval.tta)")
+    p.add_argument("--tta", choices=("none", "flip", "flip-translate"), help="test-time augmentation (default: the run's eval.tta)")
     p.add_argument("--batch-size", type=int, help="evaluation batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true", help='print one JSON object {"top1": ..., "loss": ..., ...}')

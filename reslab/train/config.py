@@ -235,12 +235,12 @@ class EvalConfig:
 
     every_epochs: int = 1
     batch_size: int = 500
-    tta: str = "none"  # none | flip (average the logits of the image and its mirror)
+    tta: str = "none"  # none | flip (image and mirror) | flip-translate (also 1-pixel shifts; engine.tta_logits)
 
     def __post_init__(self) -> None:
         _check(self.every_epochs >= 1, "eval.every_epochs must be >= 1")
         _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
-        _choice("eval", "tta", self.tta, ("none", "flip"))
+        _choice("eval", "tta", self.tta, ("none", "flip", "flip-translate"))
 
 
 @dataclass(frozen=True)

@@ -253,8 +253,9 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 500, tta: s
              dist_info: DistInfo | None = None) -> dict[str, Any]:
     """Top-1 accuracy and mean cross-entropy of ``model`` on ``data`` (eval mode).
 
-    ``tta="flip"`` averages the logits of each image and its mirror; the single-view
-    numbers are reported beside (``top1_single``, ``loss_single``) at no extra cost.
+    ``tta="flip"`` averages the logits of each image and its mirror; ``"flip-translate"`` also
+    the views shifted by one pixel (see :func:`tta_logits`). The single-view numbers are reported
+    beside (``top1_single``, ``loss_single``) at no extra cost.
     Under DDP each rank evaluates a shard and the sums are all-reduced.
     """
     device = torch.device(device)
@@ -268,7 +269,7 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 500, tta: s
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
             logits = model(x).float()
-            logits_tta = (logits + model(x.flip(3)).float()) / 2 if tta == "flip" else logits
+            logits_tta = tta_logits(model, x, tta, logits)
         sums[0] += F.cross_entropy(logits_tta, y, reduction="sum").double()
         sums[1] += (logits_tta.argmax(1) == y).sum()
         sums[2] += F.cross_entropy(logits, y, reduction="sum").double()
@@ -282,6 +283,33 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 500, tta: s
     if tta != "none":
         out.update(top1_single=correct1 / n, loss_single=loss1 / n)
     return out
+
+
+TTA_MODES = ("none", "flip", "flip-translate")
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Test-time-augmented logits of a normalised batch ``x``.
+
+    ``none``: the single view. ``flip``: the mean over the image and its mirror. ``flip-translate``:
+    half the flip mean plus half the mean over four more views, the image shifted by one pixel
+    up-left and down-right (reflect padding) each with its mirror (the translate-and-mirror TTA of
+    Keller Jordan's airbench, "TTA level 2", arXiv 2404.00498). ``logits`` (the single view, if already
+    computed) saves one forward.
+    """
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+    single = model(x).float() if logits is None else logits
+    if tta == "none":
+        return single
+    flip = (single + model(x.flip(3)).float()) / 2
+    if tta == "flip":
+        return flip
+    h, w = x.shape[-2:]
+    xp = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [xp[..., :h, :w], xp[..., 2:, 2:]]
+    moved = sum(model(v).float() + model(v.flip(3)).float() for v in shifted) / 4
+    return (flip + moved) / 2
 
 
 def _broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
