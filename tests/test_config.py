@@ -89,3 +89,19 @@ def test_recipes_follow_the_papers() -> None:
     assert (c.train.batch_size, c.optim.weight_decay, c.schedule.milestones, c.data.name) == \
         (256, 1e-4, (30, 60), "folder")
     assert by["cifar_resnet20_10ep"].train.epochs == 10 and by["cifar_resnet20_10ep"].eval.tta == "flip"
+
+
+def test_fast_recipes_are_named_and_within_the_epoch_budgets() -> None:
+    fast = [p for p in CONFIGS if p.stem.startswith("fast_")]
+    budgets = {"cifar_resnet20": 40, "cifar_resnet56": 60, "cifar_resnet110": 60, "cifar_preact_resnet164": 60,
+               "cifar_wrn16_8": 40}
+    seen = set()
+    for p in fast:
+        assert p.read_text().startswith("# FAST RECIPE (not a paper recipe)"), p.name
+        c = load_config(p)
+        if p.stem.endswith("ep") and c.model.name in budgets:
+            seen.add(c.model.name)
+            assert c.train.epochs <= budgets[c.model.name] and c.train.steps is None, p.name
+            assert c.schedule.name == "onecycle" and c.optim.nesterov and not c.optim.decay_norm_and_bias
+            assert c.data.val_split in (None, 0) and c.eval.tta == "flip"  # the last checkpoint, never test-selected
+    assert seen == set(budgets)
