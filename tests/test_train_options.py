@@ -184,3 +184,22 @@ def test_mixing_is_resumed_exactly(tmp_path: Path) -> None:
     a, _ = ckpt.load_weights(ckpt.last_checkpoint(tmp_path / "straight")[0])
     b, _ = ckpt.load_weights(ckpt.last_checkpoint(tmp_path / "split")[0])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- linear learning-rate scaling -------------------------------------------------------------------
+def test_lr_batch_scales_the_learning_rate_linearly(tmp_path: Path) -> None:
+    import json
+
+    common = ["model.name=cifar_resnet20", "data.name=synthetic", "data.num_train=64", "data.num_test=16",
+              "data.image_size=8", "train.batch_size=32", "train.epochs=1", "train.device=cpu",
+              "train.progress=false", "train.tensorboard=false", "train.log_every_steps=1", "schedule.name=constant",
+              "optim.lr=0.1"]
+    assert engine.scaled_lr(load_config(None, common)) == 0.1
+    cfg = load_config(None, [*common, "optim.lr_batch=8"])
+    assert engine.scaled_lr(cfg) == pytest.approx(0.4)
+    train(cfg, tmp_path / "run")
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if r.get("kind") == "train"]
+    assert lrs and all(lr == pytest.approx(0.4) for lr in lrs)
+    with pytest.raises(ValueError, match="optim.lr_batch"):
+        load_config(None, [*common, "optim.lr_batch=0"])

@@ -105,7 +105,8 @@ class OptimConfig:
     ``momentum`` and ``nesterov`` are SGD's only)."""
 
     name: str = "sgd"  # sgd | adamw
-    lr: float = 0.1  # base (peak) learning rate for the global batch
+    lr: float = 0.1  # base (peak) learning rate for the global batch (for lr_batch images when that is set)
+    lr_batch: int | None = None  # linear scaling (Goyal et al. 2017): the lr used is lr * train.batch_size / lr_batch
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
@@ -117,6 +118,7 @@ class OptimConfig:
         _choice("optim", "name", self.name, ("sgd", "adamw"))
         _check(self.lr > 0 and math.isfinite(self.lr), f"optim.lr must be > 0, got {self.lr}")
         _check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
+        _check(self.lr_batch is None or self.lr_batch >= 1, f"optim.lr_batch must be >= 1 or null, got {self.lr_batch}")
         _check(not self.nesterov or self.momentum > 0, "optim.nesterov needs optim.momentum > 0")
         _check(not self.nesterov or self.name == "sgd", "optim.nesterov is an SGD option; set optim.nesterov=false "
                "with optim.name=adamw")

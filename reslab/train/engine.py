@@ -199,6 +199,13 @@ def check_model_fits_data(model: nn.Module, data: ImageDataset, name: str, num_c
         raise AssertionError(f"{name} returned logits of shape {tuple(out.shape)} for {num_classes} classes")
 
 
+def scaled_lr(cfg: TrainConfig) -> float:
+    """The peak learning rate used: ``optim.lr``, or with ``optim.lr_batch`` set the linear scaling
+    rule ``lr * train.batch_size / lr_batch`` (Goyal et al. 2017, arXiv 1706.02677 §2.1)."""
+    o = cfg.optim
+    return o.lr if o.lr_batch is None else o.lr * cfg.train.batch_size / o.lr_batch
+
+
 def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     """SGD (momentum, optional Nesterov, no dampening) or AdamW (``betas``, ``eps``, decoupled weight
     decay) over :func:`param_groups` (``decay_norm_and_bias`` applies to both)."""
@@ -496,7 +503,7 @@ class _Trainer:
         self.spe = self.loader.steps_per_epoch
         self.total_steps = t.steps or t.epochs * self.spe
         self.optimizer = make_optimizer(self.model, cfg.optim)
-        self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, self.total_steps, self.spe)
+        self.schedule = LRSchedule(cfg.schedule, scaled_lr(cfg), self.total_steps, self.spe)
         self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.mix = mix_spec(t)
