@@ -189,6 +189,23 @@ def test_hooks_keep_the_branch_output_intact(monkeypatch: pytest.MonkeyPatch) ->
         assert calls.n == 1 and got["inp"] is x and torch.equal(got["out"], F.relu(x + f_ref))
 
 
+def test_backward_and_merge_hooks_take_the_reference_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, unit, x = _unit_and_input()
+    calls = Counter(monkeypatch)
+    grads: list[torch.Tensor] = []
+    merged: list[tuple[Any, ...]] = []
+    xr = x.clone().requires_grad_(True)
+    h = unit.branch.register_full_backward_hook(lambda m, gi, go: grads.append(go[0]))
+    unit(xr).sum().backward()  # a full backward hook wraps the branch output: no in-place write into it
+    h.remove()
+    assert calls.n == 0 and len(grads) == 1
+    h = unit.merge.register_forward_pre_hook(lambda m, args: merged.append(args))
+    with torch.no_grad():
+        unit(x)
+    h.remove()
+    assert calls.n == 0 and len(merged) == 1  # the merge's own hooks still run
+
+
 def test_stage_outputs_and_features_unchanged() -> None:
     from reslab.models.complexity import stage_outputs
 

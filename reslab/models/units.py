@@ -94,11 +94,18 @@ def compile_units(model: nn.Module, **compile_kwargs: Any) -> int:
     return len(units) if enable else 0
 
 
-def _has_global_forward_hooks() -> bool:
-    """Whether ``torch.nn.modules.module.register_module_forward_hook`` hooks are installed."""
+def _has_global_hooks() -> bool:
+    """Whether global module hooks (``torch.nn.modules.module.register_module_*_hook``) are installed."""
     from torch.nn.modules import module as _m
 
-    return bool(getattr(_m, "_global_forward_hooks", None))
+    return any(getattr(_m, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                    "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def _hooked(m: nn.Module, pre: bool = False) -> bool:
+    """Whether ``m`` has hooks that may hold or wrap its output (forward, or full backward hooks;
+    ``pre``: forward pre-hooks too, for a module the fast path would not call)."""
+    return bool(m._forward_hooks or m._backward_hooks or m._backward_pre_hooks or (pre and m._forward_pre_hooks))
 
 
 class Gate(NamedTuple):
@@ -278,8 +285,9 @@ class ResidualUnit(nn.Module):
     def _may_overwrite(self, f: Any, s: Any, x: Any, h: Any) -> bool:
         """Whether the merge may write into the branch output ``f``: route "both" (the caller's
         check), a merge with ``forward_inplace``, ``f`` a fresh tensor (not the unit's input, its
-        pre-activation, the shortcut, a view or a leaf), and no forward hook anywhere that could
-        hold ``f`` (hooks on the branch's modules, or global ones): then nothing but the merge reads it.
+        pre-activation, the shortcut, a view or a leaf), and no hook that could hold or wrap ``f``
+        (forward or backward hooks on the branch's modules, any hook on the merge, global module
+        hooks): then nothing but the merge reads it.
         Lesions never get here (the branch is not run) and routed gradients take the reference merge."""
         if not (self.inplace_merge and getattr(self.merge, "supports_inplace", False)):
             return False
@@ -289,9 +297,9 @@ class ResidualUnit(nn.Module):
             return False
         if f.shape != s.shape or f.dtype != s.dtype or f.stride() != s.stride():
             return False  # broadcasting, promotion or another memory layout: the reference merge decides
-        if _has_global_forward_hooks():
+        if _has_global_hooks() or _hooked(self.merge, pre=True):
             return False
-        return not any(m._forward_hooks for m in self.branch.modules())
+        return not any(_hooked(m) for m in self.branch.modules())
 
     def _scale(self, f: Any, mask: torch.Tensor | None) -> Any:
         if mask is not None:
