@@ -109,6 +109,15 @@ def test_deepcopy_runs_its_own_weights_and_compile_can_be_undone() -> None:
         assert list(model.state_dict()) == keys
 
 
+def test_unhashable_compile_arguments_are_accepted() -> None:
+    model = _sd_model("cifar_resnet20").eval()
+    backend = CountingBackend()
+    compile_units(model, backend=backend, options={})
+    with torch.no_grad():
+        model(torch.randn(2, 3, 16, 16))
+    assert backend.graphs >= 1
+
+
 def test_compile_units_refuses_a_model_without_units() -> None:
     with pytest.raises(ValueError, match="no residual units"):
         compile_units(torch.nn.Linear(2, 2))

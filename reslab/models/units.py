@@ -59,6 +59,7 @@ def _call_module(module: nn.Module, x: Any) -> Any:
 # dynamo cache and recompile limit (one code object shared by all units would hit the limit of 8
 # entries on a deep network once train and eval mode are both compiled).
 _COMPILED_CALLERS: dict[tuple[Any, ...], Callable[..., Any]] = {}
+_COMPILE_KWARGS: dict[str, dict[str, Any]] = {}  # torch.compile arguments by their repr (the key's last item)
 
 
 def _compiled_caller(key: tuple[Any, ...]) -> Callable[..., Any]:
@@ -68,11 +69,11 @@ def _compiled_caller(key: tuple[Any, ...]) -> Callable[..., Any]:
 
         code = _call_module.__code__.replace(co_name=f"_call_module_{len(_COMPILED_CALLERS)}")
         fresh = types.FunctionType(code, _call_module.__globals__, code.co_name)
-        fn = _COMPILED_CALLERS[key] = torch.compile(fresh, **dict(key[-1]))
+        fn = _COMPILED_CALLERS[key] = torch.compile(fresh, **_COMPILE_KWARGS[key[-1]])
     return fn
 
 
-def compile_units(model: nn.Module, **compile_kwargs: Any) -> int:
+def compile_units(model: nn.Module, enable: bool = True, **compile_kwargs: Any) -> int:
     """``torch.compile`` every residual unit's branch while the gate stays in eager Python.
 
     Stochastic depth's batch mode then still skips a closed branch (nothing of it runs) and a new
@@ -84,11 +85,11 @@ def compile_units(model: nn.Module, **compile_kwargs: Any) -> int:
     ``compile_kwargs`` go to :func:`torch.compile` (e.g. ``backend``, ``mode``). Returns the number
     of units compiled. Undo with ``compile_units(model, enable=False)``.
     """
-    enable = compile_kwargs.pop("enable", True)
     units = [m for m in model.modules() if isinstance(m, ResidualUnit)]
     if not units:
         raise ValueError(f"{type(model).__name__} has no residual units; compile it whole with torch.compile(model)")
-    kw = tuple(sorted(compile_kwargs.items()))
+    kw = repr(sorted(compile_kwargs.items()))  # hashable even when a value (e.g. ``options``) is not
+    _COMPILE_KWARGS[kw] = dict(compile_kwargs)
     for u in units:
         u.compiled_branch = (type(u.branch).__name__, u.stage, u.downsample, kw) if enable else None
     return len(units) if enable else 0
