@@ -203,3 +203,25 @@ def test_lr_batch_scales_the_learning_rate_linearly(tmp_path: Path) -> None:
     assert lrs and all(lr == pytest.approx(0.4) for lr in lrs)
     with pytest.raises(ValueError, match="optim.lr_batch"):
         load_config(None, [*common, "optim.lr_batch=0"])
+
+
+# ---- EMA of the weights and of the BN statistics --------------------------------------------------------
+def test_ema_averages_float_buffers_and_copies_integer_ones() -> None:
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    live = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    for mode in ("average", "copy"):
+        ema = engine.EMA(live, 0.9, buffers=mode)
+        before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+        live.train()
+        live(torch.randn(8, 3, 6, 6))  # moves the live BN statistics
+        ema.update(live, step=1000)  # decay min(0.9, 1001/1010) = 0.9
+        got, src = ema.module.state_dict(), live.state_dict()
+        for k in ("1.running_mean", "1.running_var"):
+            want = before[k] + 0.1 * (src[k] - before[k]) if mode == "average" else src[k]
+            assert torch.allclose(got[k], want, atol=1e-7), (mode, k)
+        assert torch.equal(got["1.num_batches_tracked"], src["1.num_batches_tracked"])
+        assert torch.allclose(got["0.weight"], before["0.weight"] + 0.1 * (src["0.weight"] - before["0.weight"]))
+    with pytest.raises(ValueError, match="train.ema_buffers"):
+        load_config(None, ["model.name=cifar_resnet20", "data.name=synthetic", "train.ema_buffers=median"])

@@ -191,6 +191,7 @@ class RunConfig:
     compile: bool = False  # torch.compile; with stochastic depth each unit's branch (gates stay eager)
     grad_checkpointing: bool = False
     ema_decay: float | None = None  # exponential moving average of the weights, evaluated instead
+    ema_buffers: str = "average"  # average (BN statistics averaged like the weights, as timm's ModelEmaV2) | copy
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms + no cuDNN benchmark
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -221,6 +222,7 @@ class RunConfig:
                "train.cutmix_alpha > 0")
         _choice("train", "amp", self.amp, ("none", "bf16", "fp16"))
         _check(self.ema_decay is None or 0 < self.ema_decay < 1, "train.ema_decay must be in (0, 1) or null")
+        _choice("train", "ema_buffers", self.ema_buffers, ("average", "copy"))
         _check(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"train.device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
