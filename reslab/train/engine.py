@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import os
 import random
@@ -410,7 +411,13 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
             barrier(info)
             return result
     finally:
-        trainer = None  # noqa: F841 (shutdown collects it before destroying the process group)
+        trainer = None  # noqa: F841
+        if info.distributed:
+            # Free the DDP reducer and its gloo/nccl work objects now (the trainer may sit in reference
+            # cycles), also when the caller owns the process group: freed later, during interpreter
+            # finalisation after the caller's destroy_process_group, they can end a worker with SIGABRT
+            # ("terminate called without an active exception") after a successful run.
+            gc.collect()
         shutdown(info)
 
 
