@@ -13,8 +13,9 @@ Measured side by side in one process: for each of ``--repeats`` rounds, each var
 rounds is reported. Train step = forward + cross-entropy + backward + SGD step (train mode);
 inference = eval-mode forward under ``torch.inference_mode``. Ratios: ``ratio_train`` and
 ``ratio_infer`` are reslab / other (> 1: reslab faster), ``fuse_speedup`` is fused / unfused
-reslab inference, ``ratio_fused_infer`` is reslab's fastest fused inference / the other's eager
-inference. ``--compile`` adds ``torch.compile`` of the fused model with inductor's ``freezing``
+reslab inference, ``ratio_fused_infer`` is reslab's fastest fused inference (contiguous,
+channels_last, or compiled) / the other's eager inference in its default (contiguous) layout, and
+``ratio_fused_infer_vs_other_channels_last`` the same against the other side in channels_last. ``--compile`` adds ``torch.compile`` of the fused model with inductor's ``freezing``
 (``reslab_fused_compiled``, compiled once before timing; its compile time is reported) and lets ``ratio_fused_infer`` use it.
 reslab runs with its in-place merge (the default); ``ratio_train_reference_merge`` and
 ``ratio_infer_reference_merge`` time the out-of-place merge in the same rounds.
@@ -23,6 +24,7 @@ This is a benchmark, not a test: numbers depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -242,8 +244,13 @@ def main(argv: list[str] | None = None) -> int:
                     args.batch, args.steps, args.repeats)
     fused = fuse_bn(model)  # fuse the trained-for-a-few-steps weights (same cost either way)
     ref_merge.load_state_dict(model.state_dict())
+    # channels_last (NHWC): the layout oneDNN's CPU convolutions prefer; timed for both sides.
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    fused_cl = fuse_bn(model).to(memory_format=torch.channels_last)
+    other_cl = copy.deepcopy(other).to(memory_format=torch.channels_last)
     infer_fns = {"reslab": infer_fn(model, x), "other": infer_fn(other, x), "reslab_fused": infer_fn(fused, x),
-                 "reslab_reference_merge": infer_fn(ref_merge, x)}
+                 "reslab_reference_merge": infer_fn(ref_merge, x),
+                 "reslab_fused_channels_last": infer_fn(fused_cl, x_cl), "other_channels_last": infer_fn(other_cl, x_cl)}
     compile_s = None
     if args.compile:
         t0 = time.perf_counter()
@@ -265,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio_infer=infer["reslab"] / infer["other"],
         fuse_speedup=infer["reslab_fused"] / infer["reslab"],
         ratio_fused_infer=best_fused / infer["other"],
+        ratio_fused_infer_vs_other_channels_last=best_fused / infer["other_channels_last"],
         ratio_train_reference_merge=train["reslab_reference_merge"] / train["other"],
         ratio_infer_reference_merge=infer["reslab_reference_merge"] / infer["other"],
         compile_seconds=compile_s,
@@ -286,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
           f"speed-up {res['fuse_speedup']:.3f}")
     if compile_s is not None:
         print(f"  compiled    fused  {infer['reslab_fused_compiled']:8.1f} img/s   (compiled in {compile_s:.1f} s)")
-    print(f"  fused (best) vs other eager inference: ratio {res['ratio_fused_infer']:.3f}")
+    print(f"  fused+channels_last {infer['reslab_fused_channels_last']:8.1f} img/s   other channels_last "
+          f"{infer['other_channels_last']:8.1f} img/s")
+    print(f"  fused (best) vs other eager inference: ratio {res['ratio_fused_infer']:.3f} "
+          f"(vs other in channels_last: {res['ratio_fused_infer_vs_other_channels_last']:.3f})")
     print(f"  out-of-place merge: train ratio {res['ratio_train_reference_merge']:.3f}, "
           f"inference ratio {res['ratio_infer_reference_merge']:.3f}")
     print(f"  ({res['seconds']:.1f} s)")
