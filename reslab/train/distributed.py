@@ -10,7 +10,6 @@ and the engine then continues the run from its last committed checkpoint (docs/t
 """
 from __future__ import annotations
 
-import gc
 import os
 from dataclasses import dataclass
 
@@ -102,12 +101,9 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
 
 
 def shutdown(info: DistInfo) -> None:
-    """Destroy the process group if :func:`init_distributed` created it."""
+    """Destroy the process group if :func:`init_distributed` created it (the caller frees what holds
+    it first: :func:`reslab.train.engine.train` collects its trainer before calling this)."""
     if info.initialized_here and dist.is_initialized():
-        # Free the DDP reducer and its gloo/nccl work objects (a trainer may sit in reference
-        # cycles) while the interpreter is alive, not at exit: freeing them during interpreter
-        # finalisation can end a worker with SIGABRT after a successful run.
-        gc.collect()
         dist.destroy_process_group()
 
 
