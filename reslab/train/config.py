@@ -233,6 +233,9 @@ class RunConfig:
                f"unit0_convs or null; got {self.grad_probe!r}")
 
 
+TTA_MODES = ("none", "flip", "flip-translate")  # see reslab.train.engine.tta_logits
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Evaluation during training and by ``reslab eval``."""
@@ -244,7 +247,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(self.every_epochs >= 1, "eval.every_epochs must be >= 1")
         _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
-        _choice("eval", "tta", self.tta, ("none", "flip", "flip-translate"))
+        _choice("eval", "tta", self.tta, TTA_MODES)
 
 
 @dataclass(frozen=True)

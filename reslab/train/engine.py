@@ -46,8 +46,8 @@ from reslab.data.loader import derive_seed
 from reslab.models.units import compile_units
 from reslab.regularize import stochastic_depth as sd
 from reslab.train import checkpoint as ckpt
-from reslab.train.config import (OptimConfig, RunConfig, TrainConfig, config_diff, config_to_dict, dump_config,
-                                 load_config)
+from reslab.train.config import (TTA_MODES, OptimConfig, RunConfig, TrainConfig, config_diff, config_to_dict,
+                                 dump_config, load_config)
 from reslab.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, restart_count, shutdown
 from reslab.train.logging import MetricsLogger, environment
 from reslab.train.schedule import LRSchedule
@@ -302,9 +302,6 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 500, tta: s
     if tta != "none":
         out.update(top1_single=correct1 / n, loss_single=loss1 / n)
     return out
-
-
-TTA_MODES = ("none", "flip", "flip-translate")
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, tta: str, logits: torch.Tensor | None = None) -> torch.Tensor:
