@@ -8,15 +8,22 @@ otherwise a small plain-PyTorch reference written here (torchvision-layout ResNe
 ``resnet*``/``resnext*``/``wide_resnet*``, He et al. CIFAR ResNet with option-A shortcuts for
 ``cifar_resnet*``), loaded with the reslab weights so that the outputs can be compared.
 
-Measured side by side in one process: for each of ``--repeats`` rounds, each variant runs
-``--steps`` timed iterations (after one warm-up), in a rotating order; the median images/s over
-rounds is reported. Train step = forward + cross-entropy + backward + SGD step (train mode);
-inference = eval-mode forward under ``torch.inference_mode``. Ratios: ``ratio_train`` and
-``ratio_infer`` are reslab / other (> 1: reslab faster), ``fuse_speedup`` is fused / unfused
-reslab inference, ``ratio_fused_infer`` is reslab's fastest fused inference (contiguous,
-channels_last, or compiled) / the other's eager inference in its default (contiguous) layout, and
-``ratio_fused_infer_vs_other_channels_last`` the same against the other side in channels_last. ``--compile`` adds ``torch.compile`` of the fused model with inductor's ``freezing``
-(``reslab_fused_compiled``, compiled once before timing; its compile time is reported) and lets ``ratio_fused_infer`` use it.
+Measured side by side in one process, its threads fixed (``--threads``, default 1) and pinned to
+as many cores: for each of ``--repeats`` rounds, each variant runs ``--steps`` timed iterations
+(after one warm-up), in a rotating order. With one thread the clock is this process's CPU time
+(``--clock``), which other processes taking turns on the cores do not inflate. Each ratio is the
+median of the per-round ratios (the two variants timed in the same round), reported with its
+spread (IQR, range); a warning is printed when a variant's own rounds spread by more than 5%
+(the machine was too noisy to trust the ratio). Images/s are medians over rounds.
+
+Train step = forward + cross-entropy + backward + SGD step (train mode); inference = eval-mode
+forward under ``torch.inference_mode``. Ratios: ``ratio_train`` and ``ratio_infer`` are reslab /
+other (> 1: reslab faster), ``fuse_speedup`` is fused / unfused reslab inference,
+``ratio_fused_infer`` is reslab's fastest fused inference (contiguous, channels_last, or compiled;
+named in ``best_fused``) / the other's eager inference in its default (contiguous) layout, and
+``ratio_fused_infer_vs_other_channels_last`` the same against the other side in channels_last.
+``--compile`` adds ``torch.compile`` of the fused model with inductor's ``freezing``
+(``reslab_fused_compiled``, compiled once before timing; its compile time is reported).
 reslab runs with its in-place merge (the default); ``ratio_train_reference_merge`` and
 ``ratio_infer_reference_merge`` time the out-of-place merge in the same rounds.
 This is a benchmark, not a test: numbers depend on the machine and its load.
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -34,6 +42,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from bench_sd import ratio_stats
 
 import reslab
 from reslab.models import default_input_size
@@ -176,20 +185,30 @@ def infer_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def measure(fns: dict[str, Callable[[], None]], batch: int, steps: int, repeats: int) -> dict[str, float]:
-    """Median images/s per variant; variants alternate in a rotating order each round."""
+def measure(fns: dict[str, Callable[[], None]], steps: int, repeats: int, clock: str
+            ) -> dict[str, list[float]]:
+    """Seconds per step of every variant in each round (``clock``: ``cpu`` = this process's CPU time,
+    ``wall`` = wall clock); the variants alternate in a rotating order each round, so a change of load
+    hits them alike and shows up as spread between rounds."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     for fn in fns.values():  # warm-up
         fn()
     names = list(fns)
-    rates: dict[str, list[float]] = {k: [] for k in names}
+    times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for k in order:
-            t0 = time.perf_counter()
+            t0 = timer()
             for _ in range(steps):
                 fns[k]()
-            rates[k].append(batch * steps / (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in rates.items()}
+            times[k].append((timer() - t0) / steps)
+    return times
+
+
+def speed_ratio(times: dict[str, list[float]], fast: str, slow: str) -> dict:
+    """``fast``'s speed over ``slow``'s: the median of the per-round ratios, with its spread
+    (bench_sd's ``ratio_stats``; ``noisy`` when ``fast``'s own rounds spread by more than 5%)."""
+    return ratio_stats(times[slow], times[fast])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (default 1: comparable across machines and immune to "
                         "oversubscription on shared ones; 0 keeps torch's default)")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="pin the process to as many CPU cores as --threads (Linux; default on)")
+    p.add_argument("--clock", default="auto", choices=("auto", "cpu", "wall"),
+                   help="cpu: this process's CPU time (immune to other processes taking turns on the cores); "
+                        "wall: wall clock; auto (default): cpu with one thread, wall otherwise")
     p.add_argument("--no-timm", action="store_true", help="compare with the plain reference even if timm is there")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the fused model (inference)")
     p.add_argument("--json", action="store_true")
@@ -210,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--batch must be >= 2, --steps and --repeats >= 1, --threads >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+        torch.set_num_interop_threads(1)
+        if args.pin and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+    clock = args.clock if args.clock != "auto" else ("cpu" if torch.get_num_threads() == 1 else "wall")
     torch.manual_seed(0)
     t_start = time.perf_counter()
     try:
@@ -239,9 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ref_merge = reslab.create_model(args.model)  # the same network with the out-of-place merge
     ref_merge.load_state_dict(model.state_dict())
     ref_merge.set_inplace_merge(False)
-    train = measure({"reslab": train_step_fn(model, x, y), "other": train_step_fn(other, x, y),
-                     "reslab_reference_merge": train_step_fn(ref_merge, x, y)},
-                    args.batch, args.steps, args.repeats)
+    train_t = measure({"reslab": train_step_fn(model, x, y), "other": train_step_fn(other, x, y),
+                       "reslab_reference_merge": train_step_fn(ref_merge, x, y)}, args.steps, args.repeats, clock)
     fused = fuse_bn(model)  # fuse the trained-for-a-few-steps weights (same cost either way)
     ref_merge.load_state_dict(model.state_dict())
     # channels_last (NHWC): the layout oneDNN's CPU convolutions prefer; timed for both sides.
@@ -261,42 +288,54 @@ def main(argv: list[str] | None = None) -> int:
             compiled(x)  # compile (and autotune) before the timed rounds
         compile_s = time.perf_counter() - t0
         infer_fns["reslab_fused_compiled"] = infer_fn(compiled, x)
-    infer = measure(infer_fns, args.batch, args.steps, args.repeats)
-    best_fused = max(v for k, v in infer.items() if k.startswith("reslab_fused"))
+    infer_t = measure(infer_fns, args.steps, args.repeats, clock)
+    train = {k: args.batch / statistics.median(v) for k, v in train_t.items()}
+    infer = {k: args.batch / statistics.median(v) for k, v in infer_t.items()}
+    best = max((k for k in infer if k.startswith("reslab_fused")), key=infer.__getitem__)
+    stats = {"train": speed_ratio(train_t, "reslab", "other"), "infer": speed_ratio(infer_t, "reslab", "other"),
+             "fused_infer": speed_ratio(infer_t, best, "other"),
+             "fused_infer_vs_other_channels_last": speed_ratio(infer_t, best, "other_channels_last"),
+             "train_reference_merge": speed_ratio(train_t, "reslab_reference_merge", "other"),
+             "infer_reference_merge": speed_ratio(infer_t, "reslab_reference_merge", "other")}
+    noisy = sorted(k for k, v in stats.items() if v["noisy"])
     res = dict(
         model=args.model, other=other_kind, batch=args.batch, image_size=side, steps=args.steps,
-        repeats=args.repeats, threads=torch.get_num_threads(), torch=torch.__version__,
+        repeats=args.repeats, threads=torch.get_num_threads(), clock=clock, torch=torch.__version__,
         same_weights=same_weights, rel_diff_other=diff_other, rel_diff_fused=diff_fused,
         train_ips=train, infer_ips=infer,
-        ratio_train=train["reslab"] / train["other"],
-        ratio_infer=infer["reslab"] / infer["other"],
-        fuse_speedup=infer["reslab_fused"] / infer["reslab"],
-        ratio_fused_infer=best_fused / infer["other"],
-        ratio_fused_infer_vs_other_channels_last=best_fused / infer["other_channels_last"],
-        ratio_train_reference_merge=train["reslab_reference_merge"] / train["other"],
-        ratio_infer_reference_merge=infer["reslab_reference_merge"] / infer["other"],
+        **{f"ratio_{k}": v["median"] for k, v in stats.items()},
+        fuse_speedup=speed_ratio(infer_t, "reslab_fused", "reslab")["median"],
+        best_fused=best,
+        ratio_spread={k: {"iqr": v["iqr"], "min": v["min"], "max": v["max"], "machine_spread": v["machine_spread"]}
+                      for k, v in stats.items()},
+        noisy=noisy,
         compile_seconds=compile_s,
         seconds=time.perf_counter() - t_start,
     )
+    if noisy:
+        print(f"bench_zoo: warning: the same steps took more than 5% different time from round to round "
+              f"(IQR / median) for {', '.join(noisy)}: the machine was too noisy to trust those ratios; rerun "
+              "with nothing else running, or with more --repeats", file=sys.stderr)
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
     print(f"{args.model} vs {other_kind}: batch {args.batch}, {side}x{side}, {res['threads']} threads, "
-          f"median of {args.repeats} rounds x {args.steps} steps")
+          f"median of {args.repeats} rounds x {args.steps} steps, {clock} clock")
     if same_weights:
         print(f"  same weights: max|reslab - other| / max|reslab| = {diff_other:.1e}")
     print(f"  fused vs unfused (eval): max|diff| / max|out| = {diff_fused:.1e}")
     print(f"  train step  reslab {train['reslab']:8.1f} img/s   other {train['other']:8.1f} img/s   "
-          f"ratio {res['ratio_train']:.3f}")
+          f"ratio {res['ratio_train']:.3f} (IQR {stats['train']['iqr']:.3f})")
     print(f"  inference   reslab {infer['reslab']:8.1f} img/s   other {infer['other']:8.1f} img/s   "
-          f"ratio {res['ratio_infer']:.3f}")
+          f"ratio {res['ratio_infer']:.3f} (IQR {stats['infer']['iqr']:.3f})")
     print(f"  fuse_bn     fused  {infer['reslab_fused']:8.1f} img/s   unfused {infer['reslab']:8.1f} img/s   "
           f"speed-up {res['fuse_speedup']:.3f}")
     if compile_s is not None:
         print(f"  compiled    fused  {infer['reslab_fused_compiled']:8.1f} img/s   (compiled in {compile_s:.1f} s)")
     print(f"  fused+channels_last {infer['reslab_fused_channels_last']:8.1f} img/s   other channels_last "
           f"{infer['other_channels_last']:8.1f} img/s")
-    print(f"  fused (best) vs other eager inference: ratio {res['ratio_fused_infer']:.3f} "
+    print(f"  fused (best: {best}) vs other eager inference: ratio {res['ratio_fused_infer']:.3f} "
+          f"(IQR {stats['fused_infer']['iqr']:.3f}) "
           f"(vs other in channels_last: {res['ratio_fused_infer_vs_other_channels_last']:.3f})")
     print(f"  out-of-place merge: train ratio {res['ratio_train_reference_merge']:.3f}, "
           f"inference ratio {res['ratio_infer_reference_merge']:.3f}")

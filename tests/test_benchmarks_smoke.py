@@ -42,6 +42,10 @@ def test_bench_zoo_smoke() -> None:
     out = _run("bench_zoo.py", "--model", "cifar_resnet20", "--batch", "4", "--steps", "1", "--repeats", "1",
                "--threads", "1")
     assert out["ratio_train"] > 0 and out["ratio_infer"] > 0 and out["fuse_speedup"] > 0
+    assert out["clock"] == "cpu" and out["threads"] == 1  # one thread: CPU time, immune to other processes
+    spread = out["ratio_spread"]["train"]
+    assert spread["min"] <= out["ratio_train"] <= spread["max"] and isinstance(out["noisy"], list)
+    assert out["best_fused"].startswith("reslab_fused")
 
 
 @pytest.mark.slow

@@ -189,6 +189,29 @@ def test_hooks_keep_the_branch_output_intact(monkeypatch: pytest.MonkeyPatch) ->
         assert calls.n == 1 and got["inp"] is x and torch.equal(got["out"], F.relu(x + f_ref))
 
 
+def test_a_hook_deep_inside_the_branch_is_seen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook walk reaches modules nested below the branch's children (grandchildren and deeper)."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.Sequential(nn.BatchNorm2d(4)))
+    unit = ResidualUnit(nn.Sequential(inner), nn.Identity(), AddMerge(post_act=True)).eval()
+    x = torch.randn(2, 4, 8, 8)
+    calls = Counter(monkeypatch)
+    seen: list[torch.Tensor] = []
+    with torch.no_grad():
+        f_ref = unit.branch(x).clone()
+        unit(x)
+        assert calls.n == 1  # no hooks: the fast path
+        deepest = inner[1][0]  # branch -> inner -> Sequential -> BatchNorm2d, whose output is f
+        for register in (deepest.register_forward_hook, deepest.register_full_backward_hook):
+            h = register(lambda m, a, out: seen.append(out) if isinstance(out, torch.Tensor) else None)
+            y = unit(x)
+            h.remove()
+            assert calls.n == 1 and torch.equal(y, F.relu(x + f_ref))
+        assert torch.equal(seen[0], f_ref)  # what the forward hook recorded was not overwritten
+        unit(x)
+        assert calls.n == 2  # hooks removed: the fast path again
+
+
 def test_backward_and_merge_hooks_take_the_reference_merge(monkeypatch: pytest.MonkeyPatch) -> None:
     model, unit, x = _unit_and_input()
     calls = Counter(monkeypatch)

@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as _torch_module
 
 SD_MODES = ("off", "batch", "batch-mask", "row")
 SD_SCALES = ("test", "train")
@@ -97,10 +98,21 @@ def compile_units(model: nn.Module, enable: bool = True, **compile_kwargs: Any) 
 
 def _has_global_hooks() -> bool:
     """Whether global module hooks (``torch.nn.modules.module.register_module_*_hook``) are installed."""
-    from torch.nn.modules import module as _m
+    m = _torch_module
+    return bool(getattr(m, "_global_forward_hooks", None) or getattr(m, "_global_forward_pre_hooks", None)
+                or getattr(m, "_global_backward_hooks", None) or getattr(m, "_global_backward_pre_hooks", None))
 
-    return any(getattr(_m, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                    "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+def _any_hooked(root: nn.Module) -> bool:
+    """``_hooked`` for ``root`` or any module below it (an explicit walk: this runs on every forward
+    of every unit, and ``nn.Module.modules()`` builds names and a memo set it does not need)."""
+    stack = [root]
+    while stack:
+        m = stack.pop()
+        if m._forward_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return False
 
 
 def _hooked(m: nn.Module, pre: bool = False) -> bool:
@@ -300,7 +312,7 @@ class ResidualUnit(nn.Module):
             return False  # broadcasting, promotion or another memory layout: the reference merge decides
         if _has_global_hooks() or _hooked(self.merge, pre=True):
             return False
-        return not any(_hooked(m) for m in self.branch.modules())
+        return not _any_hooked(self.branch)
 
     def _scale(self, f: Any, mask: torch.Tensor | None) -> Any:
         if mask is not None:
