@@ -98,9 +98,8 @@ def compile_units(model: nn.Module, enable: bool = True, **compile_kwargs: Any) 
 
 def _has_global_hooks() -> bool:
     """Whether global module hooks (``torch.nn.modules.module.register_module_*_hook``) are installed."""
-    m = _torch_module
-    return bool(getattr(m, "_global_forward_hooks", None) or getattr(m, "_global_forward_pre_hooks", None)
-                or getattr(m, "_global_backward_hooks", None) or getattr(m, "_global_backward_pre_hooks", None))
+    return any(getattr(_torch_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                               "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def _any_hooked(root: nn.Module) -> bool:
@@ -109,7 +108,7 @@ def _any_hooked(root: nn.Module) -> bool:
     stack = [root]
     while stack:
         m = stack.pop()
-        if m._forward_hooks or m._backward_hooks or m._backward_pre_hooks:
+        if _hooked(m):
             return True
         stack.extend(c for c in m._modules.values() if c is not None)
     return False
